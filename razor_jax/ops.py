@@ -1,0 +1,564 @@
+"""Custom-VJP ops of Back Razor: dense forward, gradients from pruned residuals.
+
+Each op's forward is the plain computation (the same primitives in the same order
+as flax, so outputs are bit-identical). Its residual is a `compress.Packed` copy of
+each activation input, and the backward computes every gradient from that copy.
+Beside each op is a `*_reference` twin in plain jnp: it prunes with a sort
+(`compress.prune_reference`) and gets the same gradients by autodiff through a
+straight-through substitution, so the tests check the ops against independent code.
+
+A `PackSpec` of None, or a prune_ratio of 0, short-circuits to the plain op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from razor_jax import compress
+
+GELU_FORMATS = ("uint8", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+  """How one activation is pruned and stored (hashable: a static argument)."""
+  prune_ratio: float = 0.9
+  granularity: str = "sample"
+  value_format: str = "auto"
+  position_format: str = "auto"
+
+  def __post_init__(self):
+    compress.check_prune_ratio(self.prune_ratio)
+    compress.check_granularity(self.granularity)
+    if self.value_format not in compress.VALUE_FORMATS:
+      raise ValueError(
+          f"value_format must be one of {compress.VALUE_FORMATS}, got {self.value_format!r}")
+    if self.position_format not in compress.POSITION_FORMATS:
+      raise ValueError(
+          f"position_format must be one of {compress.POSITION_FORMATS},"
+          f" got {self.position_format!r}")
+
+  @property
+  def exact(self) -> bool:
+    return self.prune_ratio == 0.0
+
+  def pack(self, x):
+    """The packed residual, built in full during the forward (see compress.materialize)."""
+    return compress.materialize(
+        lambda a: compress.pack(a, self.prune_ratio, self.granularity,
+                                value_format=self.value_format,
+                                position_format=self.position_format), x)
+
+  def prune_reference(self, x):
+    return compress.prune_reference(x, self.prune_ratio, self.granularity, self.value_format)
+
+
+def _is_exact(spec: Optional[PackSpec]) -> bool:
+  return spec is None or spec.exact
+
+
+def _check_packable(spec: Optional[PackSpec], **arrays):
+  """Raises now, not at differentiation time, if an input cannot be packed by `spec`."""
+  for name, x in arrays.items():
+    _check_float(name, x)
+    if not _is_exact(spec):
+      try:
+        _, n = compress.group_shape(jnp.shape(x), spec.granularity)
+        compress.keep_count(n, spec.prune_ratio)
+      except ValueError as e:
+        raise ValueError(f"{name} of shape {jnp.shape(x)}: {e}") from None
+
+
+def _check_float(name: str, x):
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
+
+
+def _straight_through(x, pruned):
+  """Value of `pruned`, gradient passed to `x` unchanged."""
+  return lax.stop_gradient(pruned) + (x - lax.stop_gradient(x))
+
+
+def _with_value_of(exact, surrogate):
+  """Value of `exact`, gradient of `surrogate`."""
+  return surrogate + lax.stop_gradient(exact - surrogate)
+
+
+# ----------------------------------------------------------------- dense_general
+
+def _canonical_axes(axis, ndim: int) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _dense_general_plain(x, kernel, bias, axes, precision):
+  n = len(axes)
+  y = lax.dot_general(x, kernel, ((axes, tuple(range(n))), ((), ())), precision=precision)
+  if bias is not None:
+    # Same broadcast as flax: ones for every non-contracted input axis.
+    y += jnp.reshape(bias, (1,) * (x.ndim - n) + bias.shape)
+  return y
+
+
+def _multi_plain(x, kernels, biases, axes, precision):
+  return tuple(_dense_general_plain(x, k, b, axes, precision) for k, b in zip(kernels, biases))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dense_multi(x, kernels, biases, axes, spec, precision):
+  return _multi_plain(x, kernels, biases, axes, precision)
+
+
+def _dense_multi_fwd(x, kernels, biases, axes, spec, precision):
+  out = _multi_plain(x, kernels, biases, axes, precision)
+  # One packed copy of x serves every projection that reads it (q, k and v).
+  packed = spec.pack(x)
+  return compress.depend(out, packed), (packed, kernels, biases)
+
+
+def _dense_multi_bwd(axes, spec, precision, res, gs):
+  packed, kernels, biases = res
+  x_pruned = compress.unpack(packed, after=gs[0])
+  # The op is bilinear in (x, kernel): its VJP at the pruned x gives dx from the
+  # kernel alone and dkernel from the pruned copy, which is Back Razor's rule.
+  _, vjp = jax.vjp(lambda a, ks, bs: _multi_plain(a, ks, bs, axes, precision),
+                   x_pruned, kernels, biases)
+  return vjp(tuple(gs))
+
+
+_dense_multi.defvjp(_dense_multi_fwd, _dense_multi_bwd)
+
+
+def dense_multi(x, kernels: Sequence, biases: Sequence, spec: Optional[PackSpec],
+                axis=-1, precision=None):
+  """Several dense_general projections of the same `x` sharing one packed residual.
+
+  Args:
+    x: input; the axes in `axis` are contracted with the leading kernel axes.
+    kernels: kernels of shape (x.shape[axis]..., features...).
+    biases: per kernel, a bias of shape (features...) or None.
+    spec: how x is pruned for the backward; None or prune_ratio 0 is the plain op.
+  Returns:
+    A tuple of outputs, one per kernel.
+  """
+  _check_packable(spec, x=x)
+  axes = _canonical_axes(axis, jnp.ndim(x))
+  kernels, biases = tuple(kernels), tuple(biases)
+  if len(kernels) != len(biases):
+    raise ValueError(f"got {len(kernels)} kernels but {len(biases)} biases")
+  for k in kernels:
+    want = tuple(x.shape[a] for a in axes)
+    if tuple(k.shape[:len(axes)]) != want:
+      raise ValueError(f"kernel of shape {k.shape} does not contract input axes {axes} of"
+                       f" shape {x.shape}: expected leading kernel dims {want}")
+  if _is_exact(spec):
+    return _multi_plain(x, kernels, biases, axes, precision)
+  return _dense_multi(x, kernels, biases, axes, spec, precision)
+
+
+def dense_general(x, kernel, bias, spec: Optional[PackSpec], axis=-1, precision=None):
+  """flax.linen.DenseGeneral's computation with a pruned residual."""
+  return dense_multi(x, (kernel,), (bias,), spec, axis, precision)[0]
+
+
+def dense(x, kernel, bias, spec: Optional[PackSpec], precision=None):
+  """flax.linen.Dense's computation with a pruned residual."""
+  return dense_general(x, kernel, bias, spec, -1, precision)
+
+
+def dense_general_reference(x, kernel, bias, spec: Optional[PackSpec], axis=-1, precision=None):
+  axes = _canonical_axes(axis, jnp.ndim(x))
+  exact = _dense_general_plain(x, kernel, bias, axes, precision)
+  if _is_exact(spec):
+    return exact
+  x_st = _straight_through(x, spec.prune_reference(x))
+  return _with_value_of(exact, _dense_general_plain(x_st, kernel, bias, axes, precision))
+
+
+def dense_reference(x, kernel, bias, spec: Optional[PackSpec], precision=None):
+  return dense_general_reference(x, kernel, bias, spec, -1, precision)
+
+
+# ----------------------------------------------------------------- attention
+
+def _qk_plain(q, k, precision):
+  return jnp.einsum("...qhd,...khd->...hqk", q, k, precision=precision,
+                    _dot_general=lax.dot_general)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qk(q, k, spec, precision):
+  return _qk_plain(q, k, precision)
+
+
+def _qk_fwd(q, k, spec, precision):
+  res = (spec.pack(q), spec.pack(k))
+  return compress.depend(_qk_plain(q, k, precision), res), res
+
+
+def _qk_bwd(spec, precision, res, g):
+  q_pruned = compress.unpack(res[0], after=g)
+  k_pruned = compress.unpack(res[1], after=g)
+  # Bilinear: dq uses the pruned k and dk the pruned q.
+  _, vjp = jax.vjp(lambda a, b: _qk_plain(a, b, precision), q_pruned, k_pruned)
+  return vjp(g)
+
+
+_qk.defvjp(_qk_fwd, _qk_bwd)
+
+
+def attention_logits(q, k, spec: Optional[PackSpec], precision=None):
+  """einsum('...qhd,...khd->...hqk'), both sides pruned for the backward."""
+  _check_packable(spec, q=q, k=k)
+  if _is_exact(spec):
+    return _qk_plain(q, k, precision)
+  return _qk(q, k, spec, precision)
+
+
+def attention_logits_reference(q, k, spec: Optional[PackSpec], precision=None):
+  exact = _qk_plain(q, k, precision)
+  if _is_exact(spec):
+    return exact
+  q_st = _straight_through(q, spec.prune_reference(q))
+  k_st = _straight_through(k, spec.prune_reference(k))
+  return _with_value_of(exact, _qk_plain(q_st, k_st, precision))
+
+
+def _softmax(logits, dtype, softmax_in_float32):
+  if softmax_in_float32 and logits.dtype != jnp.float32:
+    return jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+  return jax.nn.softmax(logits).astype(dtype)
+
+
+def _pv_plain(p, v, precision):
+  return jnp.einsum("...hqk,...khd->...qhd", p, v, precision=precision,
+                    _dot_general=lax.dot_general)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _softmax_pv(logits, v, spec, precision, softmax_in_float32):
+  p = _softmax(logits, v.dtype, softmax_in_float32)
+  return _pv_plain(p, v, precision)
+
+
+def _softmax_pv_fwd(logits, v, spec, precision, softmax_in_float32):
+  p = _softmax(logits, v.dtype, softmax_in_float32)
+  res = (spec.pack(p), spec.pack(v))
+  return compress.depend(_pv_plain(p, v, precision), res), res
+
+
+def _softmax_pv_bwd(spec, precision, softmax_in_float32, res, g):
+  p_pruned = compress.unpack(res[0], after=g)
+  v_pruned = compress.unpack(res[1], after=g)
+  _, vjp = jax.vjp(lambda a, b: _pv_plain(a, b, precision), p_pruned, v_pruned)
+  dp, dv = vjp(g)
+  # Softmax backward with the pruned probabilities in place of the exact ones.
+  p32, dp32 = p_pruned.astype(jnp.float32), dp.astype(jnp.float32)
+  dlogits = p32 * (dp32 - jnp.sum(dp32 * p32, axis=-1, keepdims=True))
+  return dlogits.astype(res[0].dtype), dv
+
+
+_softmax_pv.defvjp(_softmax_pv_fwd, _softmax_pv_bwd)
+
+
+def softmax_attend(logits, v, spec: Optional[PackSpec], precision=None,
+                   softmax_in_float32: bool = False):
+  """softmax(logits) then einsum('...hqk,...khd->...qhd', p, v); p and v pruned."""
+  _check_packable(spec, logits=logits, v=v)
+  if _is_exact(spec):
+    return _pv_plain(_softmax(logits, v.dtype, softmax_in_float32), v, precision)
+  return _softmax_pv(logits, v, spec, precision, softmax_in_float32)
+
+
+def softmax_attend_reference(logits, v, spec: Optional[PackSpec], precision=None,
+                             softmax_in_float32: bool = False):
+  p = _softmax(logits, v.dtype, softmax_in_float32)
+  exact = _pv_plain(p, v, precision)
+  if _is_exact(spec):
+    return exact
+  p_pruned = lax.stop_gradient(spec.prune_reference(p)).astype(jnp.float32)
+  # A map that is linear in the logits with Jacobian diag(p~) - p~ p~^T (symmetric), the
+  # softmax Jacobian at the pruned probabilities.
+  l32 = logits.astype(jnp.float32)
+  lin = p_pruned * l32 - p_pruned * jnp.sum(p_pruned * l32, axis=-1, keepdims=True)
+  p_st = _with_value_of(p_pruned, lin).astype(p.dtype)
+  v_st = _straight_through(v, spec.prune_reference(v))
+  return _with_value_of(exact, _pv_plain(p_st, v_st, precision))
+
+
+# ----------------------------------------------------------------- layer norm
+
+def _ln_stats(x):
+  # flax's fast variance in float32: E[x^2] - E[x]^2, clipped at zero.
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = x32.mean(-1)
+  mean2 = (x32 * x32).mean(-1)
+  var = jnp.maximum(0.0, mean2 - mean * mean)
+  return mean, var
+
+
+def _ln_apply(x, mean, var, scale, bias, eps):
+  # Operation order of flax.linen.normalization._normalize, for bit-identical output.
+  y = x - mean[..., None]
+  mul = lax.rsqrt(var[..., None] + eps)
+  args = [x]
+  if scale is not None:
+    mul *= scale
+    args.append(scale)
+  y *= mul
+  if bias is not None:
+    y += bias
+    args.append(bias)
+  return jnp.asarray(y, jnp.result_type(*args))
+
+
+def _ln_plain(x, scale, bias, eps):
+  mean, var = _ln_stats(x)
+  return _ln_apply(x, mean, var, scale, bias, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, spec):
+  return _ln_plain(x, scale, bias, eps)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, spec):
+  mean, var = _ln_stats(x)
+  y = _ln_apply(x, mean, var, scale, bias, eps)
+  rstd = lax.rsqrt(var + eps)
+  packed = spec.pack(x)
+  return compress.depend(y, packed), (packed, mean, rstd, scale, bias)
+
+
+def _ln_grads(x_hat, rstd, scale, g, reduce_axes):
+  """Closed-form LayerNorm VJP from the normalized input and 1/std (float32)."""
+  g32 = g.astype(jnp.float32)
+  dscale = jnp.sum(g32 * x_hat, axis=reduce_axes)
+  dbias = jnp.sum(g32, axis=reduce_axes)
+  u = g32 * scale.astype(jnp.float32) if scale is not None else g32
+  dx = rstd[..., None] * (u - u.mean(-1, keepdims=True)
+                          - x_hat * (u * x_hat).mean(-1, keepdims=True))
+  return dx, dscale, dbias
+
+
+def _layer_norm_bwd(eps, spec, res, g):
+  packed, mean, rstd, scale, bias = res
+  x_pruned = compress.unpack(packed, after=g).astype(jnp.float32)
+  x_hat = (x_pruned - mean[..., None]) * rstd[..., None]
+  dx, dscale, dbias = _ln_grads(x_hat, rstd, scale, g, tuple(range(g.ndim - 1)))
+  return (dx.astype(packed.dtype),
+          None if scale is None else dscale.astype(scale.dtype),
+          None if bias is None else dbias.astype(bias.dtype))
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(x, scale, bias, spec: Optional[PackSpec], epsilon: float = 1e-6):
+  """LayerNorm over the last axis (flax's computation); the input pruned for the backward.
+
+  The backward uses the exact per-row mean and 1/std with the pruned input.
+  """
+  _check_packable(spec, x=x)
+  if _is_exact(spec):
+    return _ln_plain(x, scale, bias, epsilon)
+  return _layer_norm(x, scale, bias, epsilon, spec)
+
+
+def layer_norm_reference(x, scale, bias, spec: Optional[PackSpec], epsilon: float = 1e-6):
+  exact = _ln_plain(x, scale, bias, epsilon)
+  if _is_exact(spec):
+    return exact
+  mean, var = _ln_stats(lax.stop_gradient(x))
+  rstd = lax.rsqrt(var + epsilon)[..., None]
+  x_hat = lax.stop_gradient(
+      (spec.prune_reference(x).astype(jnp.float32) - mean[..., None]) * rstd)
+  x32 = x.astype(jnp.float32)
+  # Linear in x with the (symmetric) LayerNorm Jacobian at x_hat:
+  # rstd * (I - 11^T / n - x_hat x_hat^T / n).
+  lin = rstd * (x32 - x32.mean(-1, keepdims=True)
+                - x_hat * (x_hat * x32).mean(-1, keepdims=True))
+  y = lin
+  if scale is not None:
+    # dx sees the scale, dscale sees x_hat.
+    scale_sg = lax.stop_gradient(scale)
+    y = lin * scale_sg + x_hat * (scale - scale_sg)
+  if bias is not None:
+    y = y + bias
+  return _with_value_of(exact, y.astype(exact.dtype))
+
+
+# ----------------------------------------------------------------- gelu
+
+# gelu'(x) lies in [-0.17, 1.13] for both forms; 8 bits over that range give a step
+# of 0.0051, finer than 8-bit storage of the input itself (whose derivative error
+# grows with the input's range).
+_DGELU_LO, _DGELU_HI = -0.1702, 1.1290
+
+
+def _gelu_grad(x, approximate):
+  return jax.vmap(jax.grad(lambda a: jax.nn.gelu(a, approximate=approximate)))(
+      x.reshape(-1)).reshape(x.shape)
+
+
+def _quantize_dgelu(d):
+  q = jnp.round((d - _DGELU_LO) * (255.0 / (_DGELU_HI - _DGELU_LO)))
+  return jnp.clip(q, 0, 255).astype(jnp.uint8)
+
+
+def _dequantize_dgelu(q):
+  return q.astype(jnp.float32) * ((_DGELU_HI - _DGELU_LO) / 255.0) + _DGELU_LO
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gelu(x, approximate, storage):
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x, approximate, storage):
+  y = jax.nn.gelu(x, approximate=approximate)
+  if storage == "uint8":
+    res = compress.materialize(
+        lambda a: _quantize_dgelu(_gelu_grad(a.astype(jnp.float32), approximate)), x)
+  else:
+    res = compress.materialize(lambda a: a.astype(jnp.bfloat16), x)
+  return compress.depend(y, res), res
+
+
+def _gelu_bwd(approximate, storage, res, g):
+  stored = compress.depend(res, g)
+  if storage == "uint8":
+    d = _dequantize_dgelu(stored)
+  else:
+    d = _gelu_grad(stored.astype(jnp.float32), approximate)
+  return ((g.astype(jnp.float32) * d).astype(g.dtype),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu(x, approximate: bool = True, storage: Optional[str] = "uint8"):
+  """jax.nn.gelu with a compact residual.
+
+  Args:
+    storage: "uint8" keeps gelu'(x) in 8 bits over its fixed range [-0.17, 1.13];
+      "bfloat16" keeps x in bf16; None is the plain op (exact gradient).
+  """
+  _check_float("x", x)
+  if storage is None:
+    return jax.nn.gelu(x, approximate=approximate)
+  if storage not in GELU_FORMATS:
+    raise ValueError(f"gelu storage must be one of {GELU_FORMATS} or None, got {storage!r}")
+  return _gelu(x, approximate, storage)
+
+
+def gelu_reference(x, approximate: bool = True, storage: Optional[str] = "uint8"):
+  exact = jax.nn.gelu(x, approximate=approximate)
+  if storage is None:
+    return exact
+  x32 = x.astype(jnp.float32)
+  if storage == "uint8":
+    d = _dequantize_dgelu(_quantize_dgelu(_gelu_grad(x32, approximate)))
+  else:
+    d = _gelu_grad(x32.astype(jnp.bfloat16).astype(jnp.float32), approximate)
+  lin = lax.stop_gradient(d) * x32
+  return _with_value_of(exact, lin.astype(x.dtype))
+
+
+# ----------------------------------------------------------------- relu
+
+@jax.custom_vjp
+def _relu(x):
+  return jax.nn.relu(x)
+
+
+def _relu_fwd(x):
+  # The 1-bit mask is all the backward needs: 32x less than the float input.
+  bits = compress.materialize(lambda a: jnp.packbits(a.reshape(-1) > 0), x)
+  return compress.depend(jax.nn.relu(x), bits), bits
+
+
+def _relu_bwd(bits, g):
+  # g has the shape and dtype of x.
+  bits = compress.depend(bits, g)
+  mask = jnp.unpackbits(bits, count=g.size).reshape(g.shape).astype(bool)
+  return (jnp.where(mask, g, 0).astype(g.dtype),)
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+def relu(x, compact: bool = True):
+  """jax.nn.relu whose residual is a 1-bit mask (exact gradient)."""
+  _check_float("x", x)
+  return _relu(x) if compact else jax.nn.relu(x)
+
+
+def relu_reference(x, compact: bool = True):
+  return jax.nn.relu(x)
+
+
+# ----------------------------------------------------------------- conv
+
+def _conv_plain(x, kernel, bias, conv_kwargs):
+  y = lax.conv_general_dilated(x, kernel, **dict(conv_kwargs))
+  if bias is not None:
+    y += bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv(x, kernel, bias, conv_kwargs, spec):
+  return _conv_plain(x, kernel, bias, conv_kwargs)
+
+
+def _conv_fwd(x, kernel, bias, conv_kwargs, spec):
+  packed = spec.pack(x)
+  return compress.depend(_conv_plain(x, kernel, bias, conv_kwargs), packed), (packed, kernel, bias)
+
+
+def _conv_bwd(conv_kwargs, spec, res, g):
+  packed, kernel, bias = res
+  x_pruned = compress.unpack(packed, after=g)
+  _, vjp = jax.vjp(lambda a, w, b: _conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
+  return vjp(g)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _freeze_conv_kwargs(kwargs) -> tuple:
+  frozen = []
+  for key, val in sorted(kwargs.items()):
+    if isinstance(val, list):
+      val = tuple(tuple(v) if isinstance(v, list) else v for v in val)
+    frozen.append((key, val))
+  return tuple(frozen)
+
+
+def conv(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
+  """lax.conv_general_dilated (+ bias) with the input pruned for the backward.
+
+  `conv_kwargs` are those of `lax.conv_general_dilated` (window_strides, padding,
+  lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision...).
+  """
+  _check_packable(spec, x=x)
+  frozen = _freeze_conv_kwargs(conv_kwargs)
+  if _is_exact(spec):
+    return _conv_plain(x, kernel, bias, frozen)
+  return _conv(x, kernel, bias, frozen, spec)
+
+
+def conv_reference(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
+  frozen = _freeze_conv_kwargs(conv_kwargs)
+  exact = _conv_plain(x, kernel, bias, frozen)
+  if _is_exact(spec):
+    return exact
+  x_st = _straight_through(x, spec.prune_reference(x))
+  return _with_value_of(exact, _conv_plain(x_st, kernel, bias, frozen))

@@ -1,0 +1,83 @@
+"""Forward + backward time of each razor op over its plain op, at ViT-B/16 shapes.
+
+  python experiments/microbench.py [--batch 32] [--prune_ratio 0.9] [--granularity sample]
+
+Prints one line per op: plain ms, razor ms, their ratio. Timings are medians of jitted
+fwd+bwd calls after warm-up, on whatever backend jax picks.
+"""
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from razor_jax import ops
+from razor_jax.ops import PackSpec
+
+
+def _median_ms(fn, args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def _fwd_bwd(op):
+  def run(*args):
+    out, vjp = jax.vjp(op, *args)
+    return vjp(jnp.ones_like(out))
+  return jax.jit(run)
+
+
+def cases(batch, tokens=197, width=768, hidden=3072, heads=12):
+  key = iter(jax.random.split(jax.random.PRNGKey(0), 16))
+  rand = lambda *shape: jax.random.normal(next(key), shape, jnp.float32)
+  x, h = rand(batch, tokens, width), rand(batch, tokens, hidden)
+  q, k = rand(batch, tokens, heads, width // heads), rand(batch, tokens, heads, width // heads)
+  logits = rand(batch, heads, tokens, tokens)
+  conv_kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return {
+      "dense 768->3072 (fc1)": (lambda s: functools.partial(ops.dense, spec=s),
+                                (x, rand(width, hidden), rand(hidden))),
+      "dense 3072->768 (fc2)": (lambda s: functools.partial(ops.dense, spec=s),
+                                (h, rand(hidden, width), rand(width))),
+      "qkv (one packed input)": (lambda s: lambda a, ks, bs: ops.dense_multi(a, ks, bs, s)[0],
+                                 (x, (rand(width, width),) * 3, (rand(width),) * 3)),
+      "attention logits QK^T": (lambda s: functools.partial(ops.attention_logits, spec=s), (q, k)),
+      "softmax . V": (lambda s: functools.partial(ops.softmax_attend, spec=s), (logits, q)),
+      "layer_norm": (lambda s: functools.partial(ops.layer_norm, spec=s),
+                     (x, rand(width), rand(width))),
+      "gelu (uint8 derivative)": (lambda s: (lambda a: jax.nn.gelu(a)) if s is None
+                                  else (lambda a: ops.gelu(a, True, "uint8")), (h,)),
+      "conv 3x3 (56x56x64)": (lambda s: functools.partial(ops.conv, spec=s, **conv_kw),
+                              (rand(batch, 56, 56, 64), rand(3, 3, 64, 64), rand(64))),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--prune_ratio", type=float, default=0.9)
+  parser.add_argument("--granularity", default="sample", choices=["sample", "token"])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--only", default="", help="run only ops whose name contains this")
+  args = parser.parse_args()
+  spec = PackSpec(args.prune_ratio, args.granularity)
+  print(f"backend={jax.default_backend()} batch={args.batch} prune_ratio={args.prune_ratio}"
+        f" granularity={args.granularity}")
+  print(f"{'op':28s} {'plain ms':>9s} {'razor ms':>9s} {'ratio':>6s}")
+  for name, (make, op_args) in cases(args.batch).items():
+    if args.only not in name:
+      continue
+    plain = _median_ms(_fwd_bwd(make(None)), op_args, args.repeats)
+    razor = _median_ms(_fwd_bwd(make(spec)), op_args, args.repeats)
+    print(f"{name:28s} {plain:9.1f} {razor:9.1f} {razor / plain:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

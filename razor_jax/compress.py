@@ -9,7 +9,7 @@ Selection is an exact threshold search on the bit pattern of |x|: for non-negati
 IEEE floats the unsigned bit pattern orders like the value, so the K-th largest
 magnitude is found bit by bit with one fused compare-and-count pass per bit. On
 XLA:CPU this took 20 ms for a (32, 151296) float32 array where `lax.top_k` took
-170 ms (see benchmarks/selection.py); `approx_max_k` falls back to the same sort
+170 ms (experiments/bench_selection.py); `approx_max_k` falls back to the same sort
 off TPU. Ties at the threshold keep the lowest flat positions, so exactly K
 elements are kept in every group.
 """

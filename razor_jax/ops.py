@@ -249,8 +249,8 @@ def _softmax_pv(logits, v, spec, precision, softmax_in_float32):
 
 def _softmax_pv_fwd(logits, v, spec, precision, softmax_in_float32):
   p = _softmax(logits, v.dtype, softmax_in_float32)
-  res = (spec.pack(p), spec.pack(v))
-  return compress.depend(_pv_plain(p, v, precision), res), res
+  res = (spec.pack(p), spec.pack(v), jnp.zeros((0,), logits.dtype))
+  return compress.depend(_pv_plain(p, v, precision), res[:2]), res
 
 
 def _softmax_pv_bwd(spec, precision, softmax_in_float32, res, g):
@@ -261,7 +261,8 @@ def _softmax_pv_bwd(spec, precision, softmax_in_float32, res, g):
   # Softmax backward with the pruned probabilities in place of the exact ones.
   p32, dp32 = p_pruned.astype(jnp.float32), dp.astype(jnp.float32)
   dlogits = p32 * (dp32 - jnp.sum(dp32 * p32, axis=-1, keepdims=True))
-  return dlogits.astype(res[0].dtype), dv
+  # res[2] is an empty array that carries the logits' dtype.
+  return dlogits.astype(res[2].dtype), dv
 
 
 _softmax_pv.defvjp(_softmax_pv_fwd, _softmax_pv_bwd)
@@ -298,8 +299,8 @@ def _ln_stats(x):
   # flax's fast variance in float32: E[x^2] - E[x]^2, clipped at zero.
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = x32.mean(-1)
-  mean2 = (x32 * x32).mean(-1)
-  var = jnp.maximum(0.0, mean2 - mean * mean)
+  mean2 = lax.square(x32).mean(-1)
+  var = jnp.maximum(0.0, mean2 - lax.square(mean))
   return mean, var
 
 

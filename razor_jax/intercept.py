@@ -1,0 +1,129 @@
+"""razorize(): Back Razor for an unmodified flax.linen model, through method interception.
+
+    with razorize(0.9):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+
+Inside the block every call of nn.Dense, nn.DenseGeneral, nn.LayerNorm (last axis),
+nn.Conv and nn.MultiHeadDotProductAttention (also nn.MultiHeadAttention and
+nn.SelfAttention) runs the razor computation of `razor_jax.layers` with the
+module's own fields and existing params: the forward is bit-identical, the weight
+gradients come from pruned activations.
+
+Left exact (flax's own code runs): subclasses that override `__call__`, modules
+whose configuration has no razor version (see `layers.UnsupportedConfigError`),
+modules the policy prunes nothing of, and calls made while the model is being
+initialised, so `init` creates exactly flax's params. Explicit razor layers keep
+their own prune_ratio/policy. Params are read with `module.param`, which returns
+the existing (unboxed) value and never creates one outside `init`.
+
+A replaced call does not reach method interceptors entered inside the razorize
+block (interceptors run outermost first, and this one does not call the next).
+
+Not seen: plain function calls. `jax.nn.gelu` in a model stays exact; a model
+that wants GELU's compact 8-bit residual calls `razor_jax.ops.gelu` itself.
+
+`jax.jit` caches a trace without knowing whether razorize was active, so enter
+the block inside the jitted function (or jit a separate function for it):
+a function traced outside the block keeps exact gradients when later called inside.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import flax.linen as nn
+
+from razor_jax import layers
+from razor_jax.policy import Policy, as_policy
+
+# The flax __call__ functions that are replaced, by their unwrapped function (what an
+# interceptor sees), with the flax class the module must have, and the razor version.
+_RAZOR_CALLS = {
+    nn.Dense.__call__.__wrapped__: (nn.Dense, layers._dense),
+    nn.DenseGeneral.__call__.__wrapped__: (nn.DenseGeneral, layers._dense_general),
+    nn.LayerNorm.__call__.__wrapped__: (nn.LayerNorm, layers._layer_norm),
+    nn.Conv.__call__.__wrapped__: (nn.Conv, layers._conv),
+    nn.MultiHeadDotProductAttention.__call__.__wrapped__:
+        (nn.MultiHeadDotProductAttention, layers._mha),
+}
+
+# flax subclasses whose own __call__ only forwards to the parent's.
+_FORWARDING_SUBCLASSES = (nn.SelfAttention,)
+
+
+class _Active(threading.local):
+  """The razorize blocks entered on this thread, innermost last."""
+
+  def __init__(self):
+    self.stack = []
+
+
+_ACTIVE = _Active()
+
+
+def _razor_call(module, fun):
+  """The razor replacement for `fun` called on `module`, or None to run flax's code."""
+  entry = _RAZOR_CALLS.get(fun)
+  if entry is None:
+    return None
+  flax_cls, razor_fn = entry
+  cls = type(module)
+  if not isinstance(module, flax_cls):
+    return None  # e.g. ConvLocal shares nn.Conv's __call__
+  if cls.__call__ is not flax_cls.__call__ and cls not in _FORWARDING_SUBCLASSES:
+    return None  # a subclass with its own __call__ may mean something else
+  return razor_fn
+
+
+class _Interceptor:
+  """A flax method interceptor that swaps supported __call__s for razor ones."""
+
+  def __init__(self, policy: Policy):
+    self.policy = policy
+
+  def __call__(self, next_fun, args, kwargs, context):
+    # Interceptors run outermost first; only the innermost razorize block decides, and
+    # outer ones pass the call on so any interceptors in between still see it.
+    if not _ACTIVE.stack or _ACTIVE.stack[-1] is not self:
+      return next_fun(*args, **kwargs)
+    module = context.module
+    razor_fn = None
+    if context.method_name == "__call__" and not module.is_initializing():
+      razor_fn = _razor_call(module, getattr(context.orig_method, "func", None))
+    if razor_fn is None or layers._runs_exact(self.policy, module):
+      return next_fun(*args, **kwargs)
+    try:
+      return razor_fn(module, self.policy, *args, **kwargs)
+    except layers.UnsupportedConfigError as e:
+      if getattr(e, "module", None) is not module:
+        raise
+      # Raised before any param, submodule or rng of `module` was touched, so flax's
+      # code can still run.
+      return next_fun(*args, **kwargs)
+
+
+@contextmanager
+def _razorized(policy: Policy):
+  interceptor = _Interceptor(policy)
+  _ACTIVE.stack.append(interceptor)
+  try:
+    with nn.intercept_methods(interceptor):
+      yield policy
+  finally:
+    popped = _ACTIVE.stack.pop()
+    assert popped is interceptor, "razorize blocks exited out of order"
+
+
+def razorize(prune_ratio_or_policy=0.9):
+  """A context manager under which flax layers compute Back Razor gradients.
+
+  Args:
+    prune_ratio_or_policy: a prune ratio in [0, 1) or a `Policy`. A ratio of 0 keeps
+      every gradient exact.
+  Returns:
+    A context manager; `with razorize(...) as policy:` gives the Policy in force.
+    Blocks nest (the innermost wins) and exit cleanly on exceptions.
+  Raises:
+    ValueError: at the call, for a prune ratio outside [0, 1).
+  """
+  return _razorized(as_policy(prune_ratio_or_policy))

@@ -114,10 +114,8 @@ def _dense_general_axes(m, inputs):
   if _as_tuple(m.batch_dims):
     _unsupported(m, f"batch_dims={m.batch_dims!r} (only batch_dims=() is supported)")
   _require_float(m, _compute_dtype(m, inputs))
-  ndim = jnp.ndim(inputs)
-  # flax.linen.DenseGeneral sorts the axes too.
-  axis = tuple(sorted(a % ndim for a in _as_tuple(m.axis)))
-  return _as_tuple(m.features), axis
+  # Sorted non-negative axes, as flax.linen.DenseGeneral and ops.dense_general use them.
+  return _as_tuple(m.features), ops._canonical_axes(m.axis, jnp.ndim(inputs))
 
 
 def _dense_general_params(m, inputs, features, axis):

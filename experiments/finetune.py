@@ -1,0 +1,18 @@
+"""Fine-tunes a ViT with Back Razor from a named config.
+
+  python experiments/finetune.py --config demo
+  python experiments/finetune.py --config vit_l16_cub --config.data_dir=/data/tfds \
+      --config.init_path=/ckpt/ViT-L_16.npz --workdir /runs/cub
+
+NAME is experiments/configs/NAME.py; rerunning with the same --workdir resumes. The
+logic lives in razor_jax.cli and razor_jax.train, so all of it is callable from Python.
+"""
+import os
+import sys
+
+from razor_jax import cli
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+if __name__ == "__main__":
+  sys.exit(cli.main(sys.argv[1:], CONFIGS_DIR))

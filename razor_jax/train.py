@@ -1,0 +1,316 @@
+"""Fine-tuning a ViT with Back Razor: `run(config, workdir)`, the loop and evaluation.
+
+`run` is everything `experiments/finetune.py` does. A run is a function of its config:
+the data order, dropout keys and initialization depend only on the seed and the step,
+so rerunning with the same workdir resumes from the last checkpoint and reaches the
+same parameters as an uninterrupted run. Set-up pieces live in razor_jax.train_setup.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from razor_jax import checkpoint, sharding, train_config
+from razor_jax.memory import device_peak_bytes
+from razor_jax.metrics_log import MetricsLog, Progress, Throughput
+from razor_jax.train_setup import (
+    CheckpointMissingError, ConfigError, NonFiniteLossError, UserError, build_model,
+    check_config, check_init_path, compile_step, compiled_memory, init_state, jit_eval_step)
+
+__all__ = ["CheckpointMissingError", "ConfigError", "NonFiniteLossError", "UserError",
+           "evaluate", "run"]
+
+
+def _say(line: str):
+  """A line on stdout from process 0 (before the progress bar exists)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _gib(n: Optional[int]) -> str:
+  if n is None:
+    return "n/a"
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_step, params, datasets, config, mesh) -> dict:
+  """Top-1 accuracy and loss over the whole eval split (padding masked out)."""
+  totals = None
+  batches = datasets.eval_batches(
+      config.dataset, batch_size=config.eval_batch_size or config.batch_size,
+      image_size=config.image_size, data_dir=config.data_dir or None,
+      manual_dir=config.manual_dir or None)
+  for local in batches:
+    sums = eval_step(params, sharding.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ConfigError(f"the eval split of {config.dataset!r} is empty")
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"eval/accuracy": float(totals["correct"]) / count,
+          "eval/loss": float(totals["loss_sum"]) / count,
+          "eval/examples": int(totals["count"])}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+  """SIGTERM (or, across hosts, jax's preemption sync point) asks for a save and a stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every host must stop at the same step; jax agrees on one across hosts.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:
+        return False
+    return self.requested
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _data_module():
+  return importlib.import_module("razor_jax.data")
+
+
+def _check_finite(step: int, metrics: dict, lr: float, last_saved: Optional[int],
+                  ckpt_dir: str):
+  bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+  if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}"
+            if last_saved is not None else "no checkpoint had been saved yet")
+    raise NonFiniteLossError(
+        f"training diverged at step {step}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+        + f"; {kept}. Lower --config.lr (now {lr}) or set"
+        " --config.grad_clip_norm, then rerun: the same workdir resumes from that checkpoint")
+
+
+def run(config, workdir: str, *, datasets: Any = None,
+        stop_at_step: Optional[int] = None) -> dict:
+  """Fine-tunes as `config` says, checkpointing into `workdir`; resumes if it holds one.
+
+  Args:
+    config: a ConfigDict or dict; missing fields take razor_jax.train_config defaults.
+    workdir: checkpoints/, metrics.jsonl, tensorboard/ and config.json go here.
+    datasets: the data API (num_classes, train_batches, eval_batches); default
+      razor_jax.data. Tests pass small in-memory ones.
+    stop_at_step: stop after this step with a checkpoint, as a preemption would.
+
+  Returns:
+    The last metrics: "step", "train/loss", "train/accuracy", "eval/accuracy",
+    "eval/loss", "preempted", and the compiled peak bytes of the step.
+  """
+  try:
+    config = train_config.complete(config)
+  except KeyError as e:
+    raise ConfigError(e.args[0]) from None
+  sharding.initialize_distributed()
+  try:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  check_config(config, mesh.size)
+  if config.init_path and not checkpoint.has_checkpoint(workdir):
+    check_init_path(config.init_path)
+  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints,
+                                 async_save=config.async_checkpointing)
+  try:
+    return _run(config, workdir, mesh, ckpts, datasets or _data_module(), stop_at_step)
+  finally:
+    ckpts.close()
+
+
+def _prepare_data(config, datasets) -> int:
+  """The number of classes; fails now, saying what to do, if the dataset is missing."""
+  try:
+    num_classes = datasets.num_classes(config.dataset, data_dir=config.data_dir or None)
+  except ValueError as e:  # an unknown dataset name
+    raise ConfigError(str(e)) from None
+  prepare = getattr(datasets, "prepare", None)
+  if prepare is not None:
+    prepare(config.dataset, config.data_dir or None, config.manual_dir or None,
+            multi_host=jax.process_count() > 1)
+  return num_classes
+
+
+def _report_memory(config, model, dense_model, compiled, mesh) -> dict:
+  """Prints the compiled peak of the step, beside full fine-tuning's when it differs."""
+  memory = compiled_memory(compiled)
+  if memory is None:
+    return {}
+  report = {"peak_bytes": memory.peak_bytes}
+  line = (f"compiled peak memory of one train step, per device: {_gib(memory.peak_bytes)}"
+          f" (prune_ratio {config.prune_ratio})")
+  if config.memory_report and model != dense_model:
+    full = compiled_memory(compile_step(dense_model, config, mesh)[2])
+    report["full_finetuning_peak_bytes"] = full.peak_bytes
+    line += (f" vs {_gib(full.peak_bytes)} for full fine-tuning (prune_ratio 0):"
+             f" {full.peak_bytes / max(memory.peak_bytes, 1):.2f}x less")
+  _say(line)
+  return report
+
+
+def _run(config, workdir, mesh, ckpts, datasets, stop_at_step):
+  num_classes = _prepare_data(config, datasets)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+
+  model = build_model(config, num_classes)
+  # The forward pass is the same dense computation at any prune ratio: evaluate with the
+  # plain model, which skips packing residuals that no backward pass would read.
+  dense_model = build_model(config, num_classes, full_finetuning=True)
+  tx, abstract, compiled = compile_step(model, config, mesh)
+  log = MetricsLog(workdir)
+  memory = _report_memory(config, model, dense_model, compiled, mesh)
+  log.write(0, {f"memory/{k}": v for k, v in memory.items()})
+
+  resume_step = ckpts.latest_step()
+  if resume_step is not None:
+    state = ckpts.restore(resume_step, abstract)
+    _say(f"resuming from the checkpoint of step {resume_step} in {ckpts.directory}")
+  else:
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    state = init_state(model, tx, config, mesh, shardings, rng)
+    _say("starting from " + (config.init_path or "scratch (random initialization)"))
+
+  loop = _Loop(config, mesh, ckpts, datasets, log, jit_eval_step(dense_model, mesh),
+               last_saved=resume_step)
+  try:
+    result = loop.run(compiled, state, stop_at_step)
+  finally:
+    log.close()
+  result.update(memory)
+  peak = device_peak_bytes()
+  if peak is not None:
+    result["device_peak_bytes"] = peak
+    _say(f"device peak bytes in use: {_gib(peak)}")
+  if result["preempted"]:
+    _say(f"stopped at step {result['step']} with a checkpoint; rerun with the same workdir"
+         " to resume")
+  return result
+
+
+class _Loop:
+  """The steps from the state's step to config.total_steps, and what happens between them.
+
+  Each step's metrics are read one step late, while the next step runs, so the host
+  never waits for the device except before a log line, a checkpoint or an evaluation;
+  a non-finite loss or gradient is caught before the state after it is ever saved.
+  """
+
+  def __init__(self, config, mesh, ckpts, datasets, log, eval_step, last_saved):
+    self.config, self.mesh, self.ckpts, self.datasets, self.log = config, mesh, ckpts, datasets, log
+    self.eval_step = eval_step
+    self.last_saved = last_saved
+    self.pending = None  # (step, device metrics) not yet read
+    self.window = []  # host metrics since the last log line
+    self.throughput = Throughput()
+    self.progress = None
+
+  def settle(self):
+    """Reads the pending metrics; raises NonFiniteLossError if they are not finite."""
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, host, self.config.lr, self.last_saved, self.ckpts.directory)
+    self.window.append(host)
+    self.throughput.add(self.config.batch_size)
+    self.progress.update(1, loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}")
+
+  def log_train(self, step: int) -> dict:
+    row = {f"train/{k}": float(np.mean([m[k] for m in self.window])) for k in self.window[0]}
+    row["train/images_per_second"] = self.throughput.rate()
+    self.window.clear()
+    self.log.write(step, row)
+    self.progress.update(0, **{"img/s": f"{row['train/images_per_second']:.1f}"})
+    return row
+
+  def evaluate(self, step: int, params) -> dict:
+    row = evaluate(self.eval_step, params, self.datasets, self.config, self.mesh)
+    self.log.write(step, row)
+    self.progress.print(f"step {step}/{self.config.total_steps}: eval accuracy"
+                        f" {row['eval/accuracy']:.4f} ({row['eval/examples']} examples),"
+                        f" eval loss {row['eval/loss']:.4f}")
+    return row
+
+  def run(self, compiled, state, stop_at_step) -> dict:
+    config = self.config
+    start, total = int(jax.device_get(state.step)), config.total_steps
+    result = {"step": start, "preempted": False}
+    if start >= total:
+      result.update(evaluate(self.eval_step, state.params, self.datasets, config, self.mesh))
+      _say(f"already at step {start}/{total}: eval accuracy {result['eval/accuracy']:.4f}")
+      return result
+    rng = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1),
+                         sharding.replicated(self.mesh))
+    batches = iter(self.datasets.train_batches(
+        config.dataset, batch_size=config.batch_size, image_size=config.image_size,
+        seed=config.seed, start_step=start, data_dir=config.data_dir or None,
+        manual_dir=config.manual_dir or None))
+    preemption = _Preemption()
+    self.progress = Progress(start=start, total=total, enabled=config.progress_bar)
+    self.throughput.start()
+    try:
+      for step in range(start + 1, total + 1):  # `step`: updates done once this one is
+        try:
+          local = next(batches)
+        except StopIteration:
+          raise ConfigError(f"the training data of {config.dataset!r} ran out at step {step};"
+                            " train_batches should repeat forever") from None
+        state, metrics = compiled(state, sharding.global_batch(local, self.mesh), rng)
+        self.settle()  # the previous step's metrics, while this one runs
+        self.pending = (step, metrics)
+        if step == start + 1 and device_peak_bytes() is not None:
+          self.settle()
+          self.progress.print(f"device peak bytes in use after the first step:"
+                              f" {_gib(device_peak_bytes())}")
+        stop = preemption.reached(step) or step == stop_at_step or step == total
+        save = stop or step % config.checkpoint_every == 0
+        log_now = stop or step % config.log_every == 0
+        eval_now = step == total or step % config.eval_every == 0
+        if save or log_now or eval_now:
+          self.settle()
+        if log_now:
+          result.update(self.log_train(step))
+        if save:
+          self.ckpts.save(step, state)
+          self.last_saved = step
+        if eval_now:
+          result.update(self.evaluate(step, state.params))
+        result["step"] = step
+        if stop:
+          result["preempted"] = step != total
+          break
+    finally:
+      preemption.restore()
+      self.progress.close()
+    return result

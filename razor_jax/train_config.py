@@ -1,0 +1,115 @@
+"""Every field the trainer reads, with its default and meaning; named configs start here.
+
+experiments/configs/NAME.py calls `get_config()` and changes what differs for its run;
+`razor_jax.train.run` fills a partial config from these defaults, so the Python API
+takes a dict with just the fields that matter.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = ("float32", "bfloat16")
+# Public ImageNet-21k checkpoints of the original ViT release (google-research/vision_transformer).
+PUBLIC_CHECKPOINTS = "gs://vit_models/imagenet21k"
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The defaults: ViT-B/16 on CUB-200-2011 with Back Razor@0.9, as the original runs."""
+  config = ml_collections.ConfigDict()
+
+  # Data (razor_jax.data).
+  config.dataset = "caltech_birds2011"  # a name in razor_jax.data.DATASETS
+  config.data_dir = ""  # TFDS data_dir; "" is TFDS's default (~/tensorflow_datasets)
+  config.manual_dir = ""  # manually downloaded archives; "" is <data_dir>/downloads/manual
+  config.image_size = 224  # square input side in pixels; the public checkpoints are 224
+  config.batch_size = 128  # global batch over all devices and hosts
+  config.eval_batch_size = 0  # 0 = batch_size; must also divide by the device count
+
+  # Model (razor_jax.models.vit.ViT); `model` is passed as keyword arguments.
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "B/16"  # a named size ("B/16", "L/16", ...); "" to give sizes below
+  # Sizes for variant=""; unset (None) fields keep the ViT's defaults.
+  config.model.patch_size = config_dict.placeholder(int)  # patch side in pixels
+  config.model.hidden_size = config_dict.placeholder(int)  # token width
+  config.model.mlp_dim = config_dict.placeholder(int)  # MLP hidden width
+  config.model.num_heads = config_dict.placeholder(int)  # attention heads
+  config.model.num_layers = config_dict.placeholder(int)  # transformer blocks
+  config.model.representation_size = config_dict.placeholder(int)  # pre-logits width; None = none
+  config.model.classifier = "token"  # "token" ([CLS]) or "gap" (mean over patch tokens)
+  config.model.dropout_rate = 0.0  # dropout in the MLP blocks during training
+  config.model.scan = True  # nn.scan over identical blocks: one compiled body, less memory
+  config.model.remat = False  # recompute each block in the backward (trades time for memory)
+  # Pretrained weights in the public .npz format; "" trains from scratch.
+  config.init_path = f"{PUBLIC_CHECKPOINTS}/ViT-B_16.npz"
+  config.keep_head = False  # True keeps the checkpoint's head if it fits (same classes)
+
+  # Back Razor: forward dense, backward from a top-K copy of each activation.
+  config.prune_ratio = 0.9  # fraction of each activation pruned; 0 = full fine-tuning
+  config.granularity = "sample"  # top-K per batch sample (the paper's rule) or per "token"
+  config.policy = ml_collections.ConfigDict()  # per-op overrides of prune_ratio; unset = same
+  config.policy.dense = config_dict.placeholder(float)  # qkv/out projections and MLP layers
+  config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V
+  config.policy.layer_norm = config_dict.placeholder(float)  # layer norms
+  config.policy.conv = config_dict.placeholder(float)  # the patch embedding
+  config.policy.gelu_storage = "uint8"  # GELU derivative kept as "uint8", "bfloat16" or "exact"
+  config.policy.value_format = "auto"  # kept values: "auto" (bf16 for f32), "int8", ...
+  config.policy.position_format = "auto"  # kept positions: "auto", "bitmask" or "indices"
+
+  # Optimization.
+  config.total_steps = 6000  # optimizer updates
+  config.lr = 0.01  # peak learning rate
+  config.warmup_steps = 500  # linear warm-up from 0, then cosine decay to 0
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # one of OPTIMIZERS
+  config.optimizer.momentum = 0.9  # sgd only
+  config.optimizer.nesterov = False  # sgd only
+  config.optimizer.b1 = 0.9  # adam / adamw
+  config.optimizer.b2 = 0.999  # adam / adamw
+  config.optimizer.eps = 1e-8  # adam / adamw
+  config.optimizer.weight_decay = 0.0  # decoupled for adamw; an L2 term for sgd and adam
+  config.grad_clip_norm = 1.0  # clip the global gradient norm to this; 0 = no clipping
+  config.label_smoothing = 0.0  # weight of the uniform target in the cross entropy
+  config.grad_accum_steps = 1  # split each batch into this many sequential micro-batches
+  config.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params stay float32
+
+  # Devices. The mesh has axes ("data", "fsdp"); the batch is split over both.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # devices on the data axis; -1 = all that fsdp leaves
+  config.mesh.fsdp = 1  # devices that each parameter (and its optimizer state) is split over
+
+  # Bookkeeping.
+  config.seed = 0  # params init, data order and dropout: a run is a function of the seed
+  config.log_every = 50  # steps between metric lines (JSON lines and TensorBoard)
+  config.eval_every = 1000  # steps between evaluations; the last step always evaluates
+  config.checkpoint_every = 500  # steps between checkpoints; the last step always saves
+  config.keep_checkpoints = 3  # how many recent checkpoints stay on disk
+  config.async_checkpointing = True  # write checkpoints in the background
+  config.memory_report = True  # at start, compile full fine-tuning too to compare peaks
+  config.progress_bar = True  # a tqdm bar on stderr (process 0 only)
+  return config
+
+
+def complete(config) -> ml_collections.ConfigDict:
+  """`config` (a ConfigDict or dict, possibly partial) on top of the defaults, locked.
+
+  Raises:
+    KeyError: for a key the trainer does not know, naming the valid ones.
+  """
+  full = get_config()
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  _merge(full, given, "")
+  full.lock()
+  return full
+
+
+def _merge(base: ml_collections.ConfigDict, given: dict, prefix: str):
+  for key, value in given.items():
+    if key not in base:
+      raise KeyError(f"unknown config key {prefix + key!r}; valid keys here: "
+                     f"{', '.join(sorted(base.keys()))}")
+    if isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge(base[key], value, f"{prefix}{key}.")
+    else:
+      base[key] = value

@@ -140,7 +140,7 @@ def _shape(a) -> tuple:
 
 
 def load_pretrained(path_or_arrays: Any, init_params: Mapping, *, has_cls: bool = True,
-                    log: logging.Logger | None = None) -> dict:
+                    keep_head: bool = True, log: logging.Logger | None = None) -> dict:
   """Params for a model from a public ViT checkpoint.
 
   Args:
@@ -149,6 +149,8 @@ def load_pretrained(path_or_arrays: Any, init_params: Mapping, *, has_cls: bool 
     init_params: the model's freshly initialised params (arrays or ShapeDtypeStructs
       are read for shape and dtype; the head and missing pre_logits come from here).
     has_cls: whether the model has a cls token (classifier "token").
+    keep_head: False takes the model's new head even when the checkpoint's fits (a
+      fine-tuning task whose classes differ from pretraining's but number the same).
   Returns:
     A params tree shaped like `init_params`: the checkpoint's arrays in the model's
     layout (scanned or unrolled) and dtypes. The head is the checkpoint's when its
@@ -180,7 +182,7 @@ def load_pretrained(path_or_arrays: Any, init_params: Mapping, *, has_cls: bool 
     if path not in ckpt:
       continue
     value = np.asarray(ckpt[path])
-    if path.startswith("head/") and _shape(value) != _shape(target):
+    if path.startswith("head/") and (_shape(value) != _shape(target) or not keep_head):
       log.info("head %s: checkpoint %s, model %s; using the model's new head", path,
                _shape(value), _shape(target))
       value = (np.zeros(target.shape, target.dtype)

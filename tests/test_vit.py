@@ -257,11 +257,12 @@ def _step_peak(model, batch, size):
 
 
 def test_compiled_step_memory_falls_as_issue_3_demands():
-  # A smaller twin of the ViT-L/16 b128 target (<= 0.15x of prune_ratio 0): 6 layers of
-  # width 256 at batch 32, 64 px (17 tokens) so it compiles in seconds.
-  sizes = dict(patch_size=16, hidden_size=256, mlp_dim=1024, num_heads=4, num_layers=6)
-  full = _step_peak(vit.ViT(100, **sizes), 32, 64)
-  razor = _step_peak(vit.ViT(100, prune_ratio=0.9, **sizes), 32, 64)
-  remat = _step_peak(vit.ViT(100, remat=True, **sizes), 32, 64)
-  assert razor <= 0.5 * full, (razor, full)
-  assert razor <= remat, (razor, remat)
+  # A smaller twin of the ViT-L/16 b128 targets (<= 0.15x of prune_ratio 0, below remat):
+  # 4 blocks of width 128 at batch 64, 224 px, so it compiles in seconds. Measured
+  # 1689 MiB at 0.0, 445 MiB with remat, 224 MiB at 0.9.
+  sizes = dict(patch_size=16, hidden_size=128, mlp_dim=512, num_heads=4, num_layers=4)
+  full = _step_peak(vit.ViT(100, **sizes), 64, 224)
+  razor = _step_peak(vit.ViT(100, prune_ratio=0.9, **sizes), 64, 224)
+  remat = _step_peak(vit.ViT(100, remat=True, **sizes), 64, 224)
+  assert razor <= 0.15 * full, (razor, full)
+  assert razor <= 0.6 * remat, (razor, remat)

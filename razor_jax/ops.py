@@ -232,7 +232,9 @@ def attention_logits_reference(q, k, spec: Optional[PackSpec], precision=None):
 
 def _softmax(logits, dtype, softmax_in_float32):
   if softmax_in_float32 and logits.dtype != jnp.float32:
-    return jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+    # As flax's force_fp32_for_softmax: the probabilities stay float32, so the product
+    # with v is computed (and returned) in float32 too.
+    return jax.nn.softmax(logits.astype(jnp.float32))
   return jax.nn.softmax(logits).astype(dtype)
 
 

@@ -203,3 +203,21 @@ def test_softmax_attend_gradient_keeps_the_logits_dtype():
   f = lambda l: jnp.sum(ops.softmax_attend(l, v, PackSpec(0.9)).astype(jnp.float32))
   assert jax.grad(f)(logits).dtype == jnp.float32
 
+
+
+def test_softmax_in_float32_follows_flax():
+  # flax's force_fp32_for_softmax keeps the weights float32, so weights @ v is float32.
+  from flax.linen import attention as flax_attention
+  ks = jax.random.split(jax.random.PRNGKey(0), 2)
+  logits = jax.random.normal(ks[0], (2, 3, 5, 5)).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[1], (2, 5, 3, 4)).astype(jnp.bfloat16)
+  weights = jax.nn.softmax(logits.astype(jnp.float32))
+  expected = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+  assert flax_attention is not None and expected.dtype == jnp.float32
+  for spec in (None, ops.PackSpec(0.5)):
+    out = ops.softmax_attend(logits, v, spec, softmax_in_float32=True)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, expected)
+    grads = jax.grad(lambda a, b: jnp.sum(ops.softmax_attend(a, b, spec, softmax_in_float32=True)),
+                     argnums=(0, 1))(logits, v)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]

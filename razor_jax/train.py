@@ -97,7 +97,7 @@ def _data_module():
   return importlib.import_module("razor_jax.data")
 
 
-def _check_finite(step: int, metrics: dict, lr: float, last_saved: Optional[int],
+def _check_finite(step: int, metrics: dict, config, last_saved: Optional[int],
                   ckpt_dir: str):
   bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
   if bad:
@@ -105,8 +105,9 @@ def _check_finite(step: int, metrics: dict, lr: float, last_saved: Optional[int]
             if last_saved is not None else "no checkpoint had been saved yet")
     raise NonFiniteLossError(
         f"training diverged at step {step}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
-        + f"; {kept}. Lower --config.lr (now {lr}) or set"
-        " --config.grad_clip_norm, then rerun: the same workdir resumes from that checkpoint")
+        + f"; {kept}. Lower --config.lr (now {config.lr}) or --config.grad_clip_norm (now"
+        f" {config.grad_clip_norm}), or check the input data, then rerun: the same workdir"
+        " resumes from that checkpoint")
 
 
 def run(config, workdir: str, *, datasets: Any = None,
@@ -241,7 +242,7 @@ class _Loop:
     step, metrics = self.pending
     self.pending = None
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(step, host, self.config.lr, self.last_saved, self.ckpts.directory)
+    _check_finite(step, host, self.config, self.last_saved, self.ckpts.directory)
     self.window.append(host)
     self.throughput.add(self.config.batch_size)
     self.progress.update(1, loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}")

@@ -44,8 +44,8 @@ def test_overrides_parse_as_the_field_type():
   name, overrides, workdir = cli.parse_args(
       ["--config", "vit_b16_cub", "--config.optimizer.name=adam", "--config.lr", "3e-4",
        "--config.total_steps=10", "--config.model.scan=false", "--config.policy.attention=0",
-       "--config.init_path=", "--workdir=/tmp/x"])
-  assert (name, workdir) == ("vit_b16_cub", "/tmp/x")
+       "--config.init_path=", "--workdir=runs/x"])
+  assert (name, workdir) == ("vit_b16_cub", "runs/x")
   for dotted, raw in overrides:
     cli.apply_override(config, dotted, raw)
   assert config.optimizer.name == "adam" and config.lr == 3e-4 and config.total_steps == 10

@@ -5,6 +5,8 @@
   --workdir DIR               checkpoints and metrics; rerunning with it resumes (default
                               workdir/NAME)
 
+Every field, its default and meaning: razor_jax/train_config.py.
+
 Mistakes the user can fix (an unknown config or key, a missing dataset or checkpoint, a
 batch that does not split over the devices) end with one message and a non-zero exit
 status, not a traceback.
@@ -138,7 +140,8 @@ def _is_user_error(e: BaseException) -> bool:
 def main(argv: Sequence[str], configs_dir: str) -> int:
   """Runs the command line `argv` (without the program name); returns the exit status."""
   if "-h" in argv or "--help" in argv:
-    print(f"{USAGE}\n\n{__doc__.split(chr(10) * 2)[1]}\n\nconfigs:"
+    sections = __doc__.split("\n\n")
+    print(f"{USAGE}\n\n{sections[1]}\n\n{sections[2]}\n\nconfigs:"
           f" {', '.join(config_names(configs_dir))}")
     return 0
   try:

@@ -7,11 +7,24 @@ packed form is static, so it can be a custom-VJP residual inside `jit` and `scan
 
 Selection is an exact threshold search on the bit pattern of |x|: for non-negative
 IEEE floats the unsigned bit pattern orders like the value, so the K-th largest
-magnitude is found bit by bit with one fused compare-and-count pass per bit. On
-XLA:CPU this took 20 ms for a (32, 151296) float32 array where `lax.top_k` took
-170 ms (experiments/bench_selection.py); `approx_max_k` falls back to the same sort
-off TPU. Ties at the threshold keep the lowest flat positions, so exactly K
-elements are kept in every group.
+magnitude is the largest pattern t with at least K elements >= t. A strided sample
+of each group brackets t (lo <= t < hi) with high probability; one pass counts the
+elements >= hi and marks those in [lo, hi), which are gathered into a small buffer
+(about 2% of the group) where the exact search runs bit by bit. When the bracket
+misses, the same bit-by-bit search runs over the whole group instead (one fused
+compare-and-count pass per bit). Ties at the threshold keep the lowest flat
+positions, so exactly K elements are kept in every group.
+
+Storage (see `Packed`): positions as a bitmask or as indices, whichever is smaller;
+values by default as bfloat16 numbers in 15 bits (sign, exponent relative to the
+group's largest, 7-bit mantissa), optionally int8 with a per-group scale, or
+float16 / float32. `bits_per_element` reports what that costs.
+
+Why the code looks the way it does (XLA:CPU, measured in experiments/): reductions
+over more than 32 elements are rewritten into reduce-windows over a materialized
+input, so counts are nested sums over 16 elements; bitmask words are built by
+summing over a major axis (vectorized) rather than the 32 minor bits of each word;
+compaction gathers K values through a per-slot search instead of scattering n.
 """
 from __future__ import annotations
 
@@ -20,13 +33,23 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax import lax
 
 GRANULARITIES = ("sample", "token")
 VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8")
 POSITION_FORMATS = ("auto", "bitmask", "indices")
+
+# Groups at least this long search for the threshold from a sampled bracket.
+_BRACKET_MIN = 1 << 14
+# A prime stride: the sample visits every channel of any width that 31 does not divide.
+_SAMPLE_STRIDE = 31
+# Half-width of the bracket in binomial standard deviations of the sample's count.
+_BRACKET_Z = 4.0
+# bfloat16 code: 7 bits of exponent relative to the group's base; 0 means zero and
+# 127 means inf or NaN, so 126 binades of finite values are exact.
+_REL_ZERO, _REL_SPECIAL = 0, 127
+_MANTISSA_BITS = 7
 
 
 def check_prune_ratio(prune_ratio, name: str = "prune_ratio") -> float:
@@ -76,122 +99,410 @@ def keep_count(group_size: int, prune_ratio: float) -> int:
   return min(k, group_size)
 
 
-def _storage_dtype(value_format: str, dtype) -> jnp.dtype:
+def _value_format(value_format: str, dtype) -> str:
+  """The storage actually used: "auto" resolved against the input dtype."""
   if value_format not in VALUE_FORMATS:
     raise ValueError(f"value_format must be one of {VALUE_FORMATS}, got {value_format!r}")
   if value_format == "auto":
-    # bf16 keeps float32's range; inputs already 16-bit are stored as they are.
-    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype).itemsize > 2 else jnp.dtype(dtype)
-  if value_format == "int8":
-    return jnp.dtype(jnp.int8)
-  return jnp.dtype(value_format)
+    # bf16 keeps float32's range; float16 inputs are stored as they are.
+    return "float16" if jnp.dtype(dtype) == jnp.float16 else "bfloat16"
+  return value_format
+
+
+def _storage_dtype(value_format: str, dtype) -> jnp.dtype:
+  """The dtype whose numbers the stored values are (int8: before the scale)."""
+  return jnp.dtype(_value_format(value_format, dtype))
 
 
 def _index_dtype(group_size: int):
   return jnp.dtype(jnp.uint16) if group_size <= 2**16 else jnp.dtype(jnp.int32)
 
 
+# ----------------------------------------------------------------- bitmask layout
+
+def _lanes(group_size: int) -> int:
+  """Words interleaved in one bitmask block (see `_words`)."""
+  # Interleaving 8 words lets the packing vectorize; it pads groups to 256 elements,
+  # so only groups that are already a multiple of 256 use it.
+  return 8 if group_size % 256 == 0 else 1
+
+
+def _num_words(group_size: int) -> int:
+  lanes = _lanes(group_size)
+  return -(-group_size // (32 * lanes)) * lanes
+
+
+def _words(mask: jax.Array) -> jax.Array:
+  """(groups, n) bool -> (groups, num_words) uint32 bitmask.
+
+  With L = `_lanes(n)`, element e is bit (e // L) % 32 of word (e // (32 L)) L + e % L:
+  blocks of 32 L elements, each spread over L words. Summing over the bit axis, a
+  major axis, vectorizes over the L lanes; XLA:CPU packs the 32 minor elements of a
+  plain word 4x slower.
+  """
+  groups, n = mask.shape
+  lanes = _lanes(n)
+  pad = _num_words(n) * 32 - n
+  m = jnp.pad(mask, ((0, 0), (0, pad))).reshape(groups, -1, 32, lanes).astype(jnp.uint32)
+  shifts = jnp.arange(32, dtype=jnp.uint32)[:, None]
+  return jnp.sum(m << shifts, axis=2, dtype=jnp.uint32).reshape(groups, -1)
+
+
+def _element_index(word: jax.Array, bit: jax.Array, lanes: int) -> jax.Array:
+  """Flat position in its group of bit `bit` of word `word` (the inverse of `_words`)."""
+  return (word // lanes) * (32 * lanes) + bit * lanes + word % lanes
+
+
+def bitmask_to_mask(words: jax.Array, group_size: int) -> jax.Array:
+  """(groups, num_words) uint32 bitmask -> (groups, group_size) bool."""
+  groups = words.shape[0]
+  lanes = _lanes(group_size)
+  w = words.reshape(groups, -1, 1, lanes)
+  bits = (w >> jnp.arange(32, dtype=jnp.uint32)[:, None]) & 1
+  return bits.astype(bool).reshape(groups, -1)[:, :group_size]
+
+
+# ----------------------------------------------------------------- counting and search
+
+def _magnitude_bits(x: jax.Array) -> jax.Array:
+  """Unsigned integers that order like |x| (NaN above inf); the top bit is clear."""
+  utype = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+  return lax.bitcast_convert_type(jnp.abs(x), utype)
+
+
+def _count_at_least(u: jax.Array, t: jax.Array) -> jax.Array:
+  """Per row of `u` (groups, L), the number of elements >= t (groups,), as int32.
+
+  Nested sums over 16 elements (uint8, then uint16) fuse with the compare; one sum
+  over the row is rewritten by XLA:CPU into reduce-windows over a materialized
+  int32 copy of the compare, about 10x slower.
+  """
+  groups, length = u.shape
+  main = length - length % 256
+  total = jnp.zeros((groups,), jnp.int32)
+  if main:
+    hit = u[:, :main].reshape(groups, -1, 16, 16) >= t[:, None, None, None]
+    per16 = jnp.sum(hit.astype(jnp.uint8), axis=3, dtype=jnp.uint8)
+    per256 = jnp.sum(per16.astype(jnp.uint16), axis=2, dtype=jnp.uint16)
+    total = jnp.sum(per256, axis=1, dtype=jnp.int32)
+  if main < length:
+    total = total + jnp.sum(u[:, main:] >= t[:, None], axis=1, dtype=jnp.int32)
+  return total
+
+
+def _kth_largest(u: jax.Array, k, nbits: Optional[int] = None) -> jax.Array:
+  """Per row of the unsigned `u` (groups, L), the k-th largest value, found bit by bit.
+
+  Builds the answer from the top bit down: a candidate bit stays set if at least k
+  elements are >= the candidate. `k` is an int or an int32 (groups,) array; `nbits`
+  bounds the values (default: all bits but the sign bit).
+  """
+  if nbits is None:
+    nbits = u.dtype.itemsize * 8 - 1
+
+  def step(i, t):
+    cand = t | (jnp.asarray(1, u.dtype) << (nbits - 1 - i).astype(u.dtype))
+    return jnp.where(_count_at_least(u, cand) >= k, cand, t)
+
+  return lax.fori_loop(0, nbits, step, jnp.zeros(u.shape[:1], u.dtype))
+
+
+def _prefix_sum(a: jax.Array, bound: int) -> jax.Array:
+  """Inclusive prefix sum of the int32 (groups, L) `a` along axis 1.
+
+  `bound` is a static upper bound of any 32 consecutive entries' sum. Within blocks
+  of 32 the sum is a float32 matmul with a triangular matrix, exact for integers
+  below 2**24; jnp.cumsum over all of L lowers to several full-size reduce-windows.
+  """
+  groups, length = a.shape
+  if bound >= 2**24 or length < 64:
+    return jnp.cumsum(a, axis=1, dtype=jnp.int32)
+  pad = (-length) % 32
+  blocks = jnp.pad(a, ((0, 0), (0, pad))).reshape(-1, 32).astype(jnp.float32)
+  tri = jnp.triu(jnp.ones((32, 32), jnp.float32))
+  inner = jnp.dot(blocks, tri, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+  inner = inner.reshape(groups, -1, 32)
+  totals = inner[:, :, -1]
+  before = jnp.cumsum(totals, axis=1, dtype=jnp.int32) - totals
+  return (inner + before[:, :, None]).reshape(groups, -1)[:, :length]
+
+
+def _select_in_word(w: jax.Array, r: jax.Array) -> jax.Array:
+  """Index of the (r+1)-th set bit of each uint32 `w` (r < popcount(w)), by halving."""
+  pos = jnp.zeros(r.shape, jnp.int32)
+  for half in (16, 8, 4, 2, 1):
+    low = w & jnp.uint32((1 << half) - 1)
+    c = lax.population_count(low).astype(jnp.int32)
+    up = r >= c
+    r = jnp.where(up, r - c, r)
+    w = jnp.where(up, w >> half, low)
+    pos = pos + jnp.where(up, half, 0)
+  return pos
+
+
+def _word_starts(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(set bits before each word, set bits in the row), int32."""
+  per_word = lax.population_count(words).astype(jnp.int32)
+  incl = _prefix_sum(per_word, 32 * 32)
+  return incl - per_word, incl[:, -1]
+
+
+def _select(words: jax.Array, count: int, group_size: int):
+  """Positions of the first `count` set bits of each row of a bitmask, in bitmask order.
+
+  Returns (positions (groups, count) int32, valid (groups, count) bool, set bits per
+  row). Slot j belongs to the last word that starts at or before it: a scatter-add of
+  one per word at its start, then a prefix sum over the slots, finds it without an
+  n-element scatter; its bit is the (j - start)-th set bit of that word. The small
+  intermediates are materialized: XLA would fuse them into their broadcast or
+  gathering consumers and recompute them per element.
+  """
+  groups, num_words = words.shape
+  start, total = materialize(_word_starts, words)
+  rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
+
+  def owners(start):
+    starts_here = jnp.zeros((groups, count), jnp.int32).at[rows, start].add(1, mode="drop")
+    return _prefix_sum(starts_here, num_words) - 1
+
+  owner = materialize(owners, start)
+
+  def positions(owner, start, words, total):
+    slot = jnp.arange(count, dtype=jnp.int32)[None, :]
+    rank = slot - jnp.take_along_axis(start, owner, axis=1)
+    bit = _select_in_word(jnp.take_along_axis(words, owner, axis=1), rank)
+    valid = slot < total[:, None]
+    return jnp.where(valid, _element_index(owner, bit, _lanes(group_size)), 0), valid
+
+  pos, valid = materialize(positions, owner, start, words, total)
+  return pos, valid, total
+
+
+def _tie_cut(tied: jax.Array, pos: jax.Array, need: jax.Array, group_size: int) -> jax.Array:
+  """The largest position kept among elements tied at the threshold.
+
+  `tied` marks them, `pos` gives their flat positions, `need` how many to keep
+  (groups,). Ties keep the lowest positions: the cut is the need-th smallest tied
+  position, found bit by bit on n - position; exact ties beyond `need` are rare
+  except for exact zeros, so the search runs only when some row has them.
+  """
+  def search(_):
+    flipped = jnp.where(tied, group_size - pos, 0).astype(jnp.uint32)
+    return group_size - _kth_largest(flipped, need, group_size.bit_length()).astype(jnp.int32)
+
+  excess = jnp.any(jnp.sum(tied, axis=1, dtype=jnp.int32) > need)
+  keep_all = lambda _: jnp.full(need.shape, group_size, jnp.int32)
+  return lax.cond(excess, search, keep_all, None)
+
+
+def _bracket_plan(n: int, k: int):
+  """Sample ranks (a, b) whose values bracket the K-th largest, and the candidate capacity.
+
+  None when the group is too short for a sample to pay off.
+  """
+  if n < _BRACKET_MIN:
+    return None
+  m = -(-n // _SAMPLE_STRIDE)
+  q = k / n
+  delta = _BRACKET_Z * math.sqrt(m * q * (1 - q)) + 2
+  a = math.floor(q * m - delta)
+  b = math.ceil(q * m + delta)
+  # Expected candidates are (b - a) strides; room for 1.5x that.
+  capacity = -(-int(1.5 * (min(b, m) - max(a, 0)) * n / m + 256) // 256) * 256
+  if capacity >= n // 4:
+    return None
+  return a, b, capacity
+
+
+def _threshold_full(x: jax.Array, k: int):
+  """(t, cut) for the 2-D `x`: keep |x| > t and |x| == t at positions <= cut (bit patterns).
+
+  Searched over whole groups.
+  """
+  groups, n = x.shape
+  u = _magnitude_bits(x)
+  t = _kth_largest(u, k)
+  above = _count_at_least(u, t + 1)
+  pos = jnp.arange(n, dtype=jnp.int32)[None, :]
+  return t, _tie_cut(u == t[:, None], pos, k - above, n)
+
+
+def _threshold(x: jax.Array, k: int):
+  """(t, cut) as `_threshold_full`, through a sampled bracket where it pays off.
+
+  The bit patterns are recomputed from `x` by each pass rather than stored: a
+  conditional's operand is materialized, and a copy of every group is the largest
+  transient there would be.
+  """
+  groups, n = x.shape
+  plan = _bracket_plan(n, k)
+  if plan is None:
+    return _threshold_full(x, k)
+  a, b, capacity = plan
+  u = _magnitude_bits(x)
+  sample = u[:, ::_SAMPLE_STRIDE]
+  m = sample.shape[1]
+  # The a-th and b-th largest of the sample, in one search over both copies.
+  ranks = jnp.repeat(jnp.asarray([max(a, 1), min(b, m)], jnp.int32), groups)
+  both = _kth_largest(jnp.concatenate([sample, sample]), ranks)
+  top = jnp.asarray(1 << (u.dtype.itemsize * 8 - 1), u.dtype)  # above every |x|
+  hi = both[:groups] if a >= 1 else jnp.full((groups,), top)
+  lo = both[groups:] if b <= m else jnp.zeros((groups,), u.dtype)
+  hi = jnp.where(hi > lo, hi, lo + 1)
+  above = _count_at_least(u, hi)
+  # lo <= u < hi in one unsigned compare.
+  words = _words((u - lo[:, None]) < (hi - lo)[:, None])
+  pos, valid, count = _select(words, capacity, n)
+  ok = jnp.all((above < k) & (above + count >= k) & (count <= capacity))
+
+  def from_candidates(x):
+    cand = jnp.take_along_axis(_magnitude_bits(x), pos, axis=1)
+    cand = jnp.where(valid, cand, 0)
+    t = _kth_largest(cand, k - above)
+    over = above + jnp.sum(cand > t[:, None], axis=1, dtype=jnp.int32)
+    return t, _tie_cut(valid & (cand == t[:, None]), pos, k - over, n)
+
+  return lax.cond(ok, from_candidates, lambda x: _threshold_full(x, k), x)
+
+
+def topk_words(x: jax.Array, k: int) -> jax.Array:
+  """Bitmask (see `_words`) of exactly k largest |x| per row of the 2-D `x`; ties keep low positions."""
+  u = _magnitude_bits(x)
+  t, cut = _threshold(x, k)
+  pos = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+  tu = t[:, None]
+  return _words((u > tu) | ((u == tu) & (pos <= cut[:, None])))
+
+
+def topk_mask(x: jax.Array, k: int) -> jax.Array:
+  """Boolean mask of exactly k largest |x| per row of the 2-D `x`; ties keep low positions."""
+  return bitmask_to_mask(topk_words(x, k), x.shape[1])
+
+
+# ----------------------------------------------------------------- value codes
+
+def _pack_planes(v: jax.Array, nbits: int) -> jax.Array:
+  """(groups, K) small unsigned ints -> (groups, nbits, ceil(K / 8)) uint8 bit planes.
+
+  Value j of a row is bit j // B of byte j % B of each plane (B = ceil(K / 8)), so
+  packing sums over a major axis and vectorizes.
+  """
+  groups, k = v.shape
+  per = -(-k // 8)
+  v = jnp.pad(v.astype(jnp.uint8), ((0, 0), (0, per * 8 - k))).reshape(groups, 1, 8, per)
+  planes = (v >> jnp.arange(nbits, dtype=jnp.uint8)[:, None, None]) & 1
+  return jnp.sum(planes << jnp.arange(8, dtype=jnp.uint8)[:, None], axis=2, dtype=jnp.uint8)
+
+
+def _unpack_planes(planes: jax.Array, k: int) -> jax.Array:
+  """Inverse of `_pack_planes`: (groups, K) int32."""
+  groups, nbits, per = planes.shape
+  bits = (planes[:, :, None, :] >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
+  weights = jnp.left_shift(1, jnp.arange(nbits, dtype=jnp.int32))[:, None, None]
+  v = jnp.sum(bits.astype(jnp.int32) * weights, axis=1)
+  return v.reshape(groups, -1)[:, :k]
+
+
+def _encode_bf16(kept: jax.Array) -> jax.Array:
+  """bfloat16(kept) in 15 bits per value, as one uint8 payload per group.
+
+  Payload: [base, K bytes of sign << 7 | relative exponent, 7 bit planes of the
+  mantissas (see `_pack_planes`)]. Exponents are stored relative to base = (the
+  row's largest finite exponent) - 125: code 1..126 is exponent base..base+125,
+  0 is zero and 127 is inf/NaN (exponent 255). Kept magnitudes are all >= the
+  threshold, so in practice they span a few binades; only a row whose kept values
+  span more than 2**125 loses its smallest ones, which flush to (signed) zero
+  (zeros and subnormals kept beside values >= 0.5 among them).
+  """
+  b = lax.bitcast_convert_type(kept.astype(jnp.bfloat16), jnp.uint16).astype(jnp.int32)
+  sign, exp, mant = b >> 15, (b >> 7) & 255, b & 127
+  special = exp == 255
+  top = jnp.max(jnp.where(special, 0, exp), axis=1, keepdims=True)
+  base = jnp.maximum(top - 125, 0)
+  rel = jnp.where(special, _REL_SPECIAL, jnp.where(exp >= base, exp - base + 1, _REL_ZERO))
+  # The mantissa of a flushed value is left as it was (decoding ignores it), so the
+  # planes do not depend on the row's maximum.
+  code = ((sign << 7) | rel).astype(jnp.uint8)
+  planes = _pack_planes(mant, _MANTISSA_BITS).reshape(kept.shape[0], -1)
+  return jnp.concatenate([base.astype(jnp.uint8), code, planes], axis=1)
+
+
+def _decode_bf16(payload: jax.Array, k: int) -> jax.Array:
+  """(groups, K) bfloat16 from the payload of `_encode_bf16`."""
+  groups = payload.shape[0]
+  base = payload[:, :1].astype(jnp.int32)
+  code = payload[:, 1:1 + k].astype(jnp.int32)
+  mant = _unpack_planes(payload[:, 1 + k:].reshape(groups, _MANTISSA_BITS, -1), k)
+  sign, rel = code >> 7, code & 127
+  exp = jnp.where(rel == _REL_SPECIAL, 255, base + rel - 1)
+  bits = jnp.where(rel == _REL_ZERO, sign << 15, (sign << 15) | (exp << 7) | mant)
+  return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+
+
+# ----------------------------------------------------------------- Packed
+
 def choose_position_format(group_size: int, k: int) -> str:
-  """The smaller of a bitmask (1 bit per element) and an index per kept element."""
-  index_bits = k * _index_dtype(group_size).itemsize * 8
-  bitmask_bits = 8 * ((group_size + 7) // 8)
-  return "indices" if index_bits < bitmask_bits else "bitmask"
+  """The smaller of a bitmask (1 bit per element, padded to whole words) and an index per kept element."""
+  index_bytes = k * _index_dtype(group_size).itemsize
+  bitmask_bytes = 4 * _num_words(group_size)
+  return "indices" if index_bytes < bitmask_bytes else "bitmask"
 
 
 @struct.dataclass
 class Packed:
   """A pruned activation: positions and values of the kept elements of each group.
 
-  `positions` is a uint8 bitmask (groups, ceil(n / 8)) or sorted indices (groups, K);
-  `values` (groups, K) holds the kept elements in position order; `scale` (groups,)
-  is the int8 dequantization scale, else None.
+  positions: a uint32 bitmask (groups, num_words) in the layout of `_words`, or
+    indices (groups, K) (uint16, or int32 past 65536 elements per group).
+  values: the kept elements in bitmask order (indices: in the order of
+    `positions`). value_format "bfloat16": a uint8 payload (groups,
+    1 + K + 7 ceil(K / 8)) of 15 bits per value (see `_encode_bf16`); "int8":
+    (groups, K) int8 steps of `scale`; "float16" / "float32": (groups, K) floats.
+  scale: "int8" only: the float32 (groups,) step; else None.
   """
   positions: jax.Array
   values: jax.Array
   scale: Optional[jax.Array]
+  k: int = struct.field(pytree_node=False)
   shape: tuple = struct.field(pytree_node=False)
   dtype: jnp.dtype = struct.field(pytree_node=False)
   granularity: str = struct.field(pytree_node=False)
   position_format: str = struct.field(pytree_node=False)
-
-  @property
-  def k(self) -> int:
-    return self.values.shape[-1]
+  value_format: str = struct.field(pytree_node=False)
 
   @property
   def group_size(self) -> int:
     return math.prod(self.shape) // self.values.shape[0]
 
   def nbytes(self) -> int:
-    leaves = [self.positions, self.values] + ([self.scale] if self.scale is not None else [])
+    leaves = [a for a in (self.positions, self.values, self.scale) if a is not None]
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves)
 
   def bits_per_element(self) -> float:
-    """Stored bits per element of the original activation."""
+    """Stored bits per element of the original activation (every stored byte)."""
     return 8.0 * self.nbytes() / math.prod(self.shape)
 
 
-def _magnitude_bits(x: jax.Array) -> jax.Array:
-  """Unsigned integers that order like |x| (NaN above inf)."""
-  utype = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-  return lax.bitcast_convert_type(jnp.abs(x), utype)
+def _encode(kept: jax.Array, value_format: str):
+  """(values, scale) for the kept elements (groups, K)."""
+  if value_format == "bfloat16":
+    return _encode_bf16(kept), None
+  if value_format == "int8":
+    amax = jnp.max(jnp.abs(kept), axis=1).astype(jnp.float32)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(kept.astype(jnp.float32) / scale[:, None]), -127, 127)
+    return q.astype(jnp.int8), scale
+  return kept.astype(value_format), None
 
 
-def _kth_largest(u: jax.Array, k: int) -> jax.Array:
-  """Per row of `u` (groups, n), the k-th largest value, found bit by bit.
-
-  Builds the answer from the top bit down: a candidate bit stays set if at least k
-  elements are >= the candidate. One compare-and-count pass per bit; XLA fuses each
-  pass, so no (groups, n) temporary besides `u` is kept. The sign bit is clear.
-  """
-  nbits = u.dtype.itemsize * 8 - 1
-  t = jnp.zeros(u.shape[:1], u.dtype)
-  for b in range(nbits - 1, -1, -1):
-    cand = t | jnp.asarray(1 << b, u.dtype)
-    count = jnp.sum(u >= cand[:, None], axis=1, dtype=jnp.int32)
-    t = jnp.where(count >= k, cand, t)
-  return t
-
-
-def topk_mask(x: jax.Array, k: int) -> jax.Array:
-  """Boolean mask of exactly k largest |x| per row of the 2-D `x`; ties keep low positions."""
-  u = _magnitude_bits(x)
-  t = _kth_largest(u, k)[:, None]
-  above = u > t
-  need = k - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
-  tied = u == t
-
-  def break_ties(_):
-    rank = jnp.cumsum(tied, axis=1, dtype=jnp.int32)
-    return above | (tied & (rank <= need))
-
-  # Exact float ties at the threshold are rare except for exact zeros (ReLU outputs,
-  # padding); the prefix sum that breaks them runs only when some row has more.
-  excess = jnp.any(jnp.sum(tied, axis=1, keepdims=True, dtype=jnp.int32) > need)
-  return lax.cond(excess, break_ties, lambda _: above | tied, None)
-
-
-def _pack_bits(mask: jax.Array) -> jax.Array:
-  """(groups, n) bool -> (groups, ceil(n / 8)) uint8, element j at bit j % 8 of byte j // 8."""
-  groups, n = mask.shape
-  m = jnp.pad(mask, ((0, 0), (0, (-n) % 8))).reshape(groups, -1, 8).astype(jnp.uint8)
-  return jnp.sum(m << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-
-
-def _bit_slots(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per element of a packed bitmask: (is set, number of set bits before it in its row).
-
-  The prefix sum runs over bytes, not elements, and the rest is a popcount inside the
-  byte, so the int32 temporary is 1/8 the size of a per-element prefix sum (XLA:CPU
-  lowers cumsum to reduce-windows with several full-size temporaries).
-  """
-  per_byte = lax.population_count(bits).astype(jnp.int32)
-  before_byte = jnp.cumsum(per_byte, axis=1, dtype=jnp.int32) - per_byte
-  below = (jnp.left_shift(jnp.uint8(1), jnp.arange(8, dtype=jnp.uint8)) - 1).astype(jnp.uint8)
-  b = bits[..., None]
-  is_set = ((b >> jnp.arange(8, dtype=jnp.uint8)) & 1).astype(bool)
-  slot = before_byte[..., None] + lax.population_count(b & below).astype(jnp.int32)
-  return is_set.reshape(bits.shape[0], -1), slot.reshape(bits.shape[0], -1)
+def _decode(packed: Packed) -> jax.Array:
+  """The kept values (groups, K): bfloat16 for that format, else the packed dtype."""
+  if packed.value_format == "bfloat16":
+    return _decode_bf16(packed.values, packed.k)
+  if packed.value_format == "int8":
+    q = packed.values.astype(jnp.float32) * packed.scale[:, None]
+    return q.astype(packed.dtype)
+  return packed.values.astype(packed.dtype)
 
 
 def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
@@ -203,9 +514,9 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
     prune_ratio: fraction pruned, in [0, 1); K = round((1 - prune_ratio) * n).
     granularity: "sample" (top-K over each batch element, the paper's rule) or
       "token" (top-K of each row of the last axis).
-    value_format: storage of kept values: "auto" (bfloat16 for 32/64-bit input,
-      else the input dtype), "bfloat16", "float16", "float32" or "int8" (with a
-      per-group float32 scale).
+    value_format: storage of kept values: "auto" (float16 for float16 input, else
+      "bfloat16"), "bfloat16" (bfloat16 numbers in 15 bits), "float16", "float32"
+      or "int8" (with a per-group float32 scale).
     position_format: "auto" (whichever is smaller), "bitmask" or "indices".
   """
   x = jnp.asarray(x)
@@ -217,43 +528,17 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
     raise ValueError(f"position_format must be one of {POSITION_FORMATS}, got {position_format!r}")
   if position_format == "auto":
     position_format = choose_position_format(n, k)
-  storage = _storage_dtype(value_format, x.dtype)
+  value_format = _value_format(value_format, x.dtype)
 
   flat = x.reshape(groups, n)
-  bits = _pack_bits(topk_mask(flat, k))
-  is_set, slot = _bit_slots(bits)
-  # Kept elements scatter to their slot in position order; the rest fall out of range.
-  rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
-  target = jnp.where(is_set, rows * k + slot, groups * k)
-  padded = jnp.pad(flat, ((0, 0), (0, bits.shape[1] * 8 - n)))
-  kept = jnp.zeros((groups * k,), x.dtype).at[target.reshape(-1)].set(
-      padded.reshape(-1), mode="drop", unique_indices=True).reshape(groups, k)
-
-  scale = None
-  if storage == jnp.int8:
-    amax = jnp.max(jnp.abs(kept), axis=1).astype(jnp.float32)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    values = jnp.clip(jnp.round(kept.astype(jnp.float32) / scale[:, None]), -127, 127)
-    values = values.astype(jnp.int8)
-  else:
-    values = kept.astype(storage)
-
-  if position_format == "bitmask":
-    positions = bits
-  else:
-    index = jnp.broadcast_to(jnp.arange(bits.shape[1] * 8, dtype=jnp.int32), target.shape)
-    positions = jnp.zeros((groups * k,), _index_dtype(n)).at[target.reshape(-1)].set(
-        index.reshape(-1).astype(_index_dtype(n)), mode="drop",
-        unique_indices=True).reshape(groups, k)
-  return Packed(positions=positions, values=values, scale=scale, shape=tuple(x.shape),
+  words = topk_words(flat, k)
+  pos, _, _ = _select(words, k, n)
+  kept = materialize(lambda a, p: jnp.take_along_axis(a, p, axis=1), flat, pos)
+  values, scale = _encode(kept, value_format)
+  positions = words if position_format == "bitmask" else pos.astype(_index_dtype(n))
+  return Packed(positions=positions, values=values, scale=scale, k=k, shape=tuple(x.shape),
                 dtype=jnp.dtype(x.dtype), granularity=granularity,
-                position_format=position_format)
-
-
-def _dequantize(packed: Packed, dtype) -> jax.Array:
-  if packed.scale is None:
-    return packed.values.astype(dtype)
-  return (packed.values.astype(jnp.float32) * packed.scale[:, None]).astype(dtype)
+                position_format=position_format, value_format=value_format)
 
 
 def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
@@ -263,25 +548,34 @@ def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
     packed: what `pack` returned.
     after: optional array (a cotangent) that the result must not be computed
       before. XLA allocates backward-only buffers whose inputs exist early (the
-      scatter's zeros, the unpacked mask) at program start, which keeps a dense
+      decoded values, the scatter's zeros) at program start, which keeps a dense
       copy of every layer alive at once; a data dependency on the cotangent
       moves them to where the backward needs them.
   """
-  groups = packed.values.shape[0]
-  n = packed.group_size
-  values = _dequantize(packed, packed.dtype)
-  positions = packed.positions
   if after is not None:
-    positions = depend(positions, after)
+    packed = depend(packed, after)
+  groups, n, k = packed.values.shape[0], packed.group_size, packed.k
+  # Decoded once per kept value: XLA would otherwise fuse the decoding into the
+  # gather below and redo it for each of the n elements. Kept as bfloat16 (exact)
+  # so that the table the gather reads is half the size.
+  values = materialize(_decode, packed)
   if packed.position_format == "bitmask":
-    is_set, slot = _bit_slots(positions)
-    gathered = jnp.take_along_axis(values, jnp.minimum(slot, packed.k - 1), axis=1)
-    dense = jnp.where(is_set, gathered, 0)[:, :n]
+    words = packed.positions
+    lanes = _lanes(n)
+    # Materialized: fused into the gather, the prefix sum is redone per element.
+    start = materialize(lambda a: _word_starts(a)[0], words)
+    w = words.reshape(groups, -1, 1, lanes)
+    bit = jnp.arange(32, dtype=jnp.uint32)[:, None]
+    is_set = ((w >> bit) & 1).astype(bool)
+    below = lax.population_count(w & ((jnp.uint32(1) << bit) - 1)).astype(jnp.int32)
+    slot = jnp.minimum(start.reshape(w.shape) + below, k - 1).reshape(groups, -1)
+    gathered = jnp.take_along_axis(values, slot, axis=1)
+    dense = jnp.where(is_set.reshape(groups, -1), gathered, 0)[:, :n]
   else:
     rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
-    zeros = depend(jnp.zeros((groups, n), packed.dtype), positions)
-    dense = zeros.at[rows, positions.astype(jnp.int32)].set(values, mode="drop",
-                                                              unique_indices=True)
+    zeros = depend(jnp.zeros((groups, n), packed.dtype), packed.positions)
+    dense = zeros.at[rows, packed.positions.astype(jnp.int32)].set(
+        values, mode="drop", unique_indices=True)
   return dense.reshape(packed.shape).astype(packed.dtype)
 
 

@@ -290,6 +290,8 @@ def eval_batches(name: str, *, batch_size: int, image_size: int, data_dir: Optio
   examples, size = source.read(split, index, count)
   steps = math.ceil(math.ceil(total / count) / local)
 
+  # Plain tensor code: AutoGraph has nothing to convert, and trying warns at every eval.
+  @tf.autograph.experimental.do_not_convert
   def resize(example):
     image = preprocess.eval_image(example["image"], image_size=image_size,
                                   crop_fraction=crop_fraction)

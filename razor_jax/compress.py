@@ -46,6 +46,10 @@ _BRACKET_MIN = 1 << 14
 _SAMPLE_STRIDE = 31
 # Half-width of the bracket in binomial standard deviations of the sample's count.
 _BRACKET_Z = 4.0
+# Leading bits of the bracket's ends searched in the sample (sign, exponent and 7
+# mantissa bits of a float32): rounding them outwards costs a few % more candidates,
+# half the passes.
+_BRACKET_BITS = 16
 # bfloat16 code: 7 bits of exponent relative to the group's base; 0 means zero and
 # 127 means inf or NaN, so 126 binades of finite values are exact.
 _REL_ZERO, _REL_SPECIAL = 0, 127
@@ -121,45 +125,60 @@ def _index_dtype(group_size: int):
 # ----------------------------------------------------------------- bitmask layout
 
 def _lanes(group_size: int) -> int:
-  """Words interleaved in one bitmask block (see `_words`)."""
-  # Interleaving 8 words lets the packing vectorize; it pads groups to 256 elements,
-  # so only groups that are already a multiple of 256 use it.
-  return 8 if group_size % 256 == 0 else 1
+  """Bytes interleaved in one bitmask block (see `_bitmask`)."""
+  # 32 lanes let the packing vectorize; they pad groups to 256 elements, so only
+  # groups that are already a multiple of 256 use them.
+  return 32 if group_size % 256 == 0 else 4
 
 
 def _num_words(group_size: int) -> int:
   lanes = _lanes(group_size)
-  return -(-group_size // (32 * lanes)) * lanes
+  return -(-group_size // (8 * lanes)) * lanes // 4
 
 
-def _words(mask: jax.Array) -> jax.Array:
-  """(groups, n) bool -> (groups, num_words) uint32 bitmask.
+def _bitmask(mask_fn, *args) -> jax.Array:
+  """The bool (groups, n) `mask_fn(*args)` as a uint32 (groups, num_words) bitmask.
 
-  With L = `_lanes(n)`, element e is bit (e // L) % 32 of word (e // (32 L)) L + e % L:
-  blocks of 32 L elements, each spread over L words. Summing over the bit axis, a
-  major axis, vectorizes over the L lanes; XLA:CPU packs the 32 minor elements of a
-  plain word 4x slower.
+  With L = `_lanes(n)`, element e is bit (e // L) % 8 of byte (e // 8L) L + e % L:
+  blocks of 8L elements spread over L bytes, packed by OR-ing 8 contiguous slices,
+  which vectorizes over L uint8 lanes (building 32-bit words directly took 2.5x
+  longer). Word w is bytes 4w..4w+3, little-endian. The mask is computed inside a
+  conditional so that neither it nor the bytes are materialized at full size or
+  recomputed per word.
   """
-  groups, n = mask.shape
-  lanes = _lanes(n)
-  pad = _num_words(n) * 32 - n
-  m = jnp.pad(mask, ((0, 0), (0, pad))).reshape(groups, -1, 32, lanes).astype(jnp.uint32)
-  shifts = jnp.arange(32, dtype=jnp.uint32)[:, None]
-  return jnp.sum(m << shifts, axis=2, dtype=jnp.uint32).reshape(groups, -1)
+  def to_bytes(*args):
+    mask = mask_fn(*args)
+    groups, n = mask.shape
+    lanes = _lanes(n)
+    m = jnp.pad(mask, ((0, 0), (0, _num_words(n) * 32 - n)))
+    m = m.reshape(groups, -1, 8, lanes).astype(jnp.uint8)
+    packed = m[:, :, 0]
+    for j in range(1, 8):
+      packed = packed | (m[:, :, j] << j)
+    return packed
+
+  # Reshaped outside: as the root of the packing fusion, the reshape made it 3x slower.
+  packed = materialize(to_bytes, *args)
+  return lax.bitcast_convert_type(packed.reshape(packed.shape[0], -1, 4), jnp.uint32)
 
 
 def _element_index(word: jax.Array, bit: jax.Array, lanes: int) -> jax.Array:
-  """Flat position in its group of bit `bit` of word `word` (the inverse of `_words`)."""
-  return (word // lanes) * (32 * lanes) + bit * lanes + word % lanes
+  """Flat position in its group of bit `bit` of word `word` (the inverse of `_bitmask`)."""
+  byte = word * 4 + bit // 8
+  return (byte // lanes) * (8 * lanes) + (bit % 8) * lanes + byte % lanes
+
+
+def _bitmask_bytes(words: jax.Array, group_size: int) -> jax.Array:
+  """The bitmask's bytes as (groups, blocks, lanes) uint8."""
+  return lax.bitcast_convert_type(words, jnp.uint8).reshape(
+      words.shape[0], -1, _lanes(group_size))
 
 
 def bitmask_to_mask(words: jax.Array, group_size: int) -> jax.Array:
   """(groups, num_words) uint32 bitmask -> (groups, group_size) bool."""
-  groups = words.shape[0]
-  lanes = _lanes(group_size)
-  w = words.reshape(groups, -1, 1, lanes)
-  bits = (w >> jnp.arange(32, dtype=jnp.uint32)[:, None]) & 1
-  return bits.astype(bool).reshape(groups, -1)[:, :group_size]
+  b = _bitmask_bytes(words, group_size)[:, :, None, :]
+  bits = (b >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
+  return bits.astype(bool).reshape(words.shape[0], -1)[:, :group_size]
 
 
 # ----------------------------------------------------------------- counting and search
@@ -190,12 +209,26 @@ def _count_at_least(u: jax.Array, t: jax.Array) -> jax.Array:
   return total
 
 
-def _kth_largest(u: jax.Array, k, nbits: Optional[int] = None) -> jax.Array:
+def _row_max_u8(a: jax.Array) -> jax.Array:
+  """Per row of the uint8 (groups, L) `a`, its maximum (int32), in nested short reductions.
+
+  One long reduction is rewritten by XLA:CPU into reduce-windows (see
+  `_count_at_least`); the dtype changes between levels keep XLA from merging them.
+  """
+  groups, length = a.shape
+  a = jnp.pad(a, ((0, 0), (0, (-length) % 256))).reshape(groups, -1, 16, 16)
+  per256 = jnp.max(jnp.max(a, axis=3).astype(jnp.uint16), axis=2)
+  return jnp.max(per256.astype(jnp.int32), axis=1)
+
+
+def _kth_largest(u: jax.Array, k, nbits: Optional[int] = None, low_bits: int = 0) -> jax.Array:
   """Per row of the unsigned `u` (groups, L), the k-th largest value, found bit by bit.
 
   Builds the answer from the top bit down: a candidate bit stays set if at least k
   elements are >= the candidate. `k` is an int or an int32 (groups,) array; `nbits`
-  bounds the values (default: all bits but the sign bit).
+  bounds the values (default: all bits but the sign bit). With `low_bits`, the
+  search stops early and returns the k-th largest rounded down to a multiple of
+  2**low_bits.
   """
   if nbits is None:
     nbits = u.dtype.itemsize * 8 - 1
@@ -204,7 +237,28 @@ def _kth_largest(u: jax.Array, k, nbits: Optional[int] = None) -> jax.Array:
     cand = t | (jnp.asarray(1, u.dtype) << (nbits - 1 - i).astype(u.dtype))
     return jnp.where(_count_at_least(u, cand) >= k, cand, t)
 
-  return lax.fori_loop(0, nbits, step, jnp.zeros(u.shape[:1], u.dtype))
+  return lax.fori_loop(0, nbits - low_bits, step, jnp.zeros(u.shape[:1], u.dtype))
+
+
+def _kth_largest_between(u: jax.Array, k, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """`_kth_largest` when it is known to lie in [lo, hi) (per row, lo < hi).
+
+  Bits above the highest one in which lo and hi - 1 differ are shared by every value
+  in the range; only the bits below are searched, as many passes as the widest row.
+  """
+  width = u.dtype.itemsize * 8
+  free = (width - lax.clz(lo ^ (hi - 1))).astype(jnp.int32)  # bits left to search
+  t0 = lo & ~((jnp.asarray(1, u.dtype) << free.astype(u.dtype)) - 1)
+
+  def body(state):
+    i, t = state
+    bit = free - 1 - i
+    cand = t | (jnp.asarray(1, u.dtype) << jnp.maximum(bit, 0).astype(u.dtype))
+    take = (bit >= 0) & (_count_at_least(u, cand) >= k)
+    return i + 1, jnp.where(take, cand, t)
+
+  _, t = lax.while_loop(lambda state: state[0] < jnp.max(free), body, (0, t0))
+  return t
 
 
 def _prefix_sum(a: jax.Array, bound: int) -> jax.Array:
@@ -342,23 +396,26 @@ def _threshold(x: jax.Array, k: int):
   u = _magnitude_bits(x)
   sample = u[:, ::_SAMPLE_STRIDE]
   m = sample.shape[1]
-  # The a-th and b-th largest of the sample, in one search over both copies.
+  # The a-th and b-th largest of the sample, rounded outwards to their leading bits,
+  # in one search over both copies.
+  low_bits = max(0, u.dtype.itemsize * 8 - _BRACKET_BITS)
   ranks = jnp.repeat(jnp.asarray([max(a, 1), min(b, m)], jnp.int32), groups)
-  both = _kth_largest(jnp.concatenate([sample, sample]), ranks)
+  both = _kth_largest(jnp.concatenate([sample, sample]), ranks, low_bits=low_bits)
   top = jnp.asarray(1 << (u.dtype.itemsize * 8 - 1), u.dtype)  # above every |x|
-  hi = both[:groups] if a >= 1 else jnp.full((groups,), top)
+  step = jnp.asarray(1 << low_bits, u.dtype)
+  hi = both[:groups] + step if a >= 1 else jnp.full((groups,), top)
   lo = both[groups:] if b <= m else jnp.zeros((groups,), u.dtype)
-  hi = jnp.where(hi > lo, hi, lo + 1)
   above = _count_at_least(u, hi)
   # lo <= u < hi in one unsigned compare.
-  words = _words((u - lo[:, None]) < (hi - lo)[:, None])
+  in_range = lambda x, lo, hi: (_magnitude_bits(x) - lo[:, None]) < (hi - lo)[:, None]
+  words = _bitmask(in_range, x, lo, hi)
   pos, valid, count = _select(words, capacity, n)
   ok = jnp.all((above < k) & (above + count >= k) & (count <= capacity))
 
   def from_candidates(x):
     cand = jnp.take_along_axis(_magnitude_bits(x), pos, axis=1)
     cand = jnp.where(valid, cand, 0)
-    t = _kth_largest(cand, k - above)
+    t = _kth_largest_between(cand, k - above, lo, hi)
     over = above + jnp.sum(cand > t[:, None], axis=1, dtype=jnp.int32)
     return t, _tie_cut(valid & (cand == t[:, None]), pos, k - over, n)
 
@@ -366,12 +423,15 @@ def _threshold(x: jax.Array, k: int):
 
 
 def topk_words(x: jax.Array, k: int) -> jax.Array:
-  """Bitmask (see `_words`) of exactly k largest |x| per row of the 2-D `x`; ties keep low positions."""
-  u = _magnitude_bits(x)
+  """Bitmask (see `_bitmask`) of exactly k largest |x| per row of the 2-D `x`; ties keep low positions."""
   t, cut = _threshold(x, k)
-  pos = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-  tu = t[:, None]
-  return _words((u > tu) | ((u == tu) & (pos <= cut[:, None])))
+
+  def kept(x, t, cut):
+    u, tu = _magnitude_bits(x), t[:, None]
+    pos = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+    return (u > tu) | ((u == tu) & (pos <= cut[:, None]))
+
+  return _bitmask(kept, x, t, cut)
 
 
 def topk_mask(x: jax.Array, k: int) -> jax.Array:
@@ -382,24 +442,31 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
 # ----------------------------------------------------------------- value codes
 
 def _pack_planes(v: jax.Array, nbits: int) -> jax.Array:
-  """(groups, K) small unsigned ints -> (groups, nbits, ceil(K / 8)) uint8 bit planes.
+  """(groups, K) small unsigned ints -> (groups, nbits * ceil(K / 8)) uint8 bit planes.
 
-  Value j of a row is bit j // B of byte j % B of each plane (B = ceil(K / 8)), so
-  packing sums over a major axis and vectorizes.
+  Plane p is bytes [p B, (p + 1) B) with B = ceil(K / 8); value j of a row is bit
+  j // B of byte j % B of each plane. The eight values of a byte are B apart, so
+  packing adds eight contiguous slices (elementwise, vectorized; XLA:CPU emits a
+  slow loop for a reduction whose result is reshaped).
   """
   groups, k = v.shape
   per = -(-k // 8)
   v = jnp.pad(v.astype(jnp.uint8), ((0, 0), (0, per * 8 - k))).reshape(groups, 1, 8, per)
   planes = (v >> jnp.arange(nbits, dtype=jnp.uint8)[:, None, None]) & 1
-  return jnp.sum(planes << jnp.arange(8, dtype=jnp.uint8)[:, None], axis=2, dtype=jnp.uint8)
+  packed = planes[:, :, 0]
+  for j in range(1, 8):
+    packed = packed | (planes[:, :, j] << j)
+  return packed.reshape(groups, -1)
 
 
-def _unpack_planes(planes: jax.Array, k: int) -> jax.Array:
+def _unpack_planes(planes: jax.Array, nbits: int, k: int) -> jax.Array:
   """Inverse of `_pack_planes`: (groups, K) int32."""
-  groups, nbits, per = planes.shape
-  bits = (planes[:, :, None, :] >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
-  weights = jnp.left_shift(1, jnp.arange(nbits, dtype=jnp.int32))[:, None, None]
-  v = jnp.sum(bits.astype(jnp.int32) * weights, axis=1)
+  groups = planes.shape[0]
+  planes = planes.reshape(groups, nbits, 1, -1)
+  bits = (planes >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
+  v = bits[:, 0].astype(jnp.int32)
+  for p in range(1, nbits):
+    v = v | (bits[:, p].astype(jnp.int32) << p)
   return v.reshape(groups, -1)[:, :k]
 
 
@@ -417,13 +484,13 @@ def _encode_bf16(kept: jax.Array) -> jax.Array:
   b = lax.bitcast_convert_type(kept.astype(jnp.bfloat16), jnp.uint16).astype(jnp.int32)
   sign, exp, mant = b >> 15, (b >> 7) & 255, b & 127
   special = exp == 255
-  top = jnp.max(jnp.where(special, 0, exp), axis=1, keepdims=True)
+  top = _row_max_u8(jnp.where(special, 0, exp).astype(jnp.uint8))[:, None]
   base = jnp.maximum(top - 125, 0)
   rel = jnp.where(special, _REL_SPECIAL, jnp.where(exp >= base, exp - base + 1, _REL_ZERO))
   # The mantissa of a flushed value is left as it was (decoding ignores it), so the
   # planes do not depend on the row's maximum.
   code = ((sign << 7) | rel).astype(jnp.uint8)
-  planes = _pack_planes(mant, _MANTISSA_BITS).reshape(kept.shape[0], -1)
+  planes = _pack_planes(mant, _MANTISSA_BITS)
   return jnp.concatenate([base.astype(jnp.uint8), code, planes], axis=1)
 
 
@@ -432,7 +499,7 @@ def _decode_bf16(payload: jax.Array, k: int) -> jax.Array:
   groups = payload.shape[0]
   base = payload[:, :1].astype(jnp.int32)
   code = payload[:, 1:1 + k].astype(jnp.int32)
-  mant = _unpack_planes(payload[:, 1 + k:].reshape(groups, _MANTISSA_BITS, -1), k)
+  mant = _unpack_planes(payload[:, 1 + k:], _MANTISSA_BITS, k)
   sign, rel = code >> 7, code & 127
   exp = jnp.where(rel == _REL_SPECIAL, 255, base + rel - 1)
   bits = jnp.where(rel == _REL_ZERO, sign << 15, (sign << 15) | (exp << 7) | mant)
@@ -564,12 +631,14 @@ def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
     lanes = _lanes(n)
     # Materialized: fused into the gather, the prefix sum is redone per element.
     start = materialize(lambda a: _word_starts(a)[0], words)
-    w = words.reshape(groups, -1, 1, lanes)
-    bit = jnp.arange(32, dtype=jnp.uint32)[:, None]
+    # Elements as (group, block, bit of byte, word of block, byte of word): see `_bitmask`.
+    shape = (groups, -1, 1, lanes // 4, 1)
+    w = words.reshape(shape)
+    bit = 8 * jnp.arange(4, dtype=jnp.uint32) + jnp.arange(8, dtype=jnp.uint32)[:, None, None]
     is_set = ((w >> bit) & 1).astype(bool)
     below = lax.population_count(w & ((jnp.uint32(1) << bit) - 1)).astype(jnp.int32)
-    slot = jnp.minimum(start.reshape(w.shape) + below, k - 1).reshape(groups, -1)
-    gathered = jnp.take_along_axis(values, slot, axis=1)
+    slot = jnp.minimum(start.reshape(shape) + below, k - 1).reshape(groups, -1)
+    gathered = jnp.take_along_axis(values, slot, axis=1).astype(packed.dtype)
     dense = jnp.where(is_set.reshape(groups, -1), gathered, 0)[:, :n]
   else:
     rows = jnp.arange(groups, dtype=jnp.int32)[:, None]

@@ -51,12 +51,12 @@ def _long_group(kind: str, seed: int, n: int = 1 << 15):
 
 
 def _bitmask_to_mask(words, n):
-  """Numpy decoding of the documented layout (compress._words), for checking it independently."""
-  lanes = 8 if n % 256 == 0 else 1
+  """Numpy decoding of the documented layout (compress._bitmask), to check it independently."""
+  lanes = 32 if n % 256 == 0 else 4
   e = np.arange(n)
-  word = (e // (32 * lanes)) * lanes + e % lanes
-  bit = (e // lanes) % 32
-  return ((np.asarray(words)[:, word] >> bit.astype(np.uint32)) & 1).astype(bool)
+  byte = (e // (8 * lanes)) * lanes + e % lanes
+  bit = 8 * (byte % 4) + (e // lanes) % 8  # words are little-endian groups of 4 bytes
+  return ((np.asarray(words)[:, byte // 4] >> bit.astype(np.uint32)) & 1).astype(bool)
 
 
 def _groups(a, granularity):
@@ -132,7 +132,7 @@ def test_bitmask_layout_and_selection_helpers():
   rng = np.random.default_rng(0)
   for n in (256 * 9, 1000):
     mask = rng.random((3, n)) < 0.3
-    words = compress._words(jnp.asarray(mask))
+    words = compress._bitmask(lambda m: m, jnp.asarray(mask))
     assert words.shape == (3, compress._num_words(n)) and words.dtype == jnp.uint32
     np.testing.assert_array_equal(_bitmask_to_mask(words, n), mask)
     np.testing.assert_array_equal(compress.bitmask_to_mask(words, n), mask)
@@ -143,7 +143,8 @@ def test_bitmask_layout_and_selection_helpers():
     lanes = compress._lanes(n)
     for row in range(3):
       e = np.flatnonzero(mask[row])
-      order = np.lexsort(((e // lanes) % 32, (e // (32 * lanes)) * lanes + e % lanes))
+      byte = (e // (8 * lanes)) * lanes + e % lanes
+      order = np.lexsort((8 * (byte % 4) + (e // lanes) % 8, byte // 4))
       np.testing.assert_array_equal(np.asarray(pos[row])[:len(e)], e[order])
       assert np.asarray(valid[row]).sum() == len(e)
 

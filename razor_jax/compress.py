@@ -20,11 +20,13 @@ values by default as bfloat16 numbers in 15 bits (sign, exponent relative to the
 group's largest, 7-bit mantissa), optionally int8 with a per-group scale, or
 float16 / float32. `bits_per_element` reports what that costs.
 
-Why the code looks the way it does (XLA:CPU, measured in experiments/): reductions
-over more than 32 elements are rewritten into reduce-windows over a materialized
-input, so counts are nested sums over 16 elements; bitmask words are built by
-summing over a major axis (vectorized) rather than the 32 minor bits of each word;
-compaction gathers K values through a per-slot search instead of scattering n.
+Why the code looks the way it does (XLA:CPU, measured with experiments/): a
+reduction over more than 32 elements is rewritten into reduce-windows over a
+materialized input, so counts and maxima are nested short reductions; the bitmask
+is packed from 8 contiguous slices into bytes (vectorized) rather than from the 32
+minor bits of each word; compaction gathers the K values through a per-slot search
+instead of scattering all n; small intermediates are materialized (`materialize`)
+where XLA would otherwise recompute them for every element of a large consumer.
 """
 from __future__ import annotations
 
@@ -204,6 +206,12 @@ def _count_at_least(u: jax.Array, t: jax.Array) -> jax.Array:
     per16 = jnp.sum(hit.astype(jnp.uint8), axis=3, dtype=jnp.uint8)
     per256 = jnp.sum(per16.astype(jnp.uint16), axis=2, dtype=jnp.uint16)
     total = jnp.sum(per256, axis=1, dtype=jnp.int32)
+  tail = length - main
+  if tail >= 16:  # short rows (token groups, candidates): sums over 16, then the rest
+    hit = u[:, main:main + tail - tail % 16].reshape(groups, -1, 16) >= t[:, None, None]
+    per16 = jnp.sum(hit.astype(jnp.uint8), axis=2, dtype=jnp.uint8)
+    total = total + jnp.sum(per16.astype(jnp.int32), axis=1, dtype=jnp.int32)
+    main += tail - tail % 16
   if main < length:
     total = total + jnp.sum(u[:, main:] >= t[:, None], axis=1, dtype=jnp.int32)
   return total
@@ -221,23 +229,30 @@ def _row_max_u8(a: jax.Array) -> jax.Array:
   return jnp.max(per256.astype(jnp.int32), axis=1)
 
 
-def _kth_largest(u: jax.Array, k, nbits: Optional[int] = None, low_bits: int = 0) -> jax.Array:
-  """Per row of the unsigned `u` (groups, L), the k-th largest value, found bit by bit.
+def _kth_largest(values_fn, operands, k, nbits: Optional[int] = None,
+                 low_bits: int = 0) -> jax.Array:
+  """Per row of the unsigned (groups, L) `values_fn(*operands)`, the k-th largest value.
 
-  Builds the answer from the top bit down: a candidate bit stays set if at least k
-  elements are >= the candidate. `k` is an int or an int32 (groups,) array; `nbits`
-  bounds the values (default: all bits but the sign bit). With `low_bits`, the
-  search stops early and returns the k-th largest rounded down to a multiple of
-  2**low_bits.
+  Found bit by bit from the top: a candidate bit stays set if at least k elements
+  are >= the candidate, one compare-and-count pass per bit. The values are built
+  inside the loop, fused into each pass: a loop's operands are materialized, and the
+  bit patterns of a whole activation would be the largest transient of all. `k` is
+  an int or an int32 (groups,) array; `nbits` bounds the values (default: all bits
+  but the sign bit). With `low_bits` the search stops early and returns the k-th
+  largest rounded down to a multiple of 2**low_bits.
   """
+  out = jax.eval_shape(values_fn, *operands)
+  dtype = out.dtype
   if nbits is None:
-    nbits = u.dtype.itemsize * 8 - 1
+    nbits = dtype.itemsize * 8 - 1
 
   def step(i, t):
-    cand = t | (jnp.asarray(1, u.dtype) << (nbits - 1 - i).astype(u.dtype))
-    return jnp.where(_count_at_least(u, cand) >= k, cand, t)
+    cand = t | (jnp.asarray(1, dtype) << (nbits - 1 - i).astype(dtype))
+    # Tied to the loop state, or XLA hoists the values out of the loop and stores them.
+    values = values_fn(*depend(operands, t))
+    return jnp.where(_count_at_least(values, cand) >= k, cand, t)
 
-  return lax.fori_loop(0, nbits - low_bits, step, jnp.zeros(u.shape[:1], u.dtype))
+  return lax.fori_loop(0, nbits - low_bits, step, jnp.zeros(out.shape[:1], dtype))
 
 
 def _kth_largest_between(u: jax.Array, k, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -332,27 +347,32 @@ def _select(words: jax.Array, count: int, group_size: int):
   return pos, valid, total
 
 
-def _tie_cut(tied: jax.Array, pos: jax.Array, need: jax.Array, group_size: int) -> jax.Array:
+def _tie_cut(flipped_fn, operands, excess: jax.Array, need: jax.Array,
+             group_size: int) -> jax.Array:
   """The largest position kept among elements tied at the threshold.
 
-  `tied` marks them, `pos` gives their flat positions, `need` how many to keep
-  (groups,). Ties keep the lowest positions: the cut is the need-th smallest tied
-  position, found bit by bit on n - position; exact ties beyond `need` are rare
-  except for exact zeros, so the search runs only when some row has them.
+  Ties keep the lowest positions: the cut is the need-th smallest tied position
+  (`need` (groups,) of them are kept), found bit by bit as the need-th largest of
+  `flipped_fn(*operands)`: group_size - position for tied elements, 0 elsewhere.
+  Exact ties beyond `need` are rare except for exact zeros, so the search runs only
+  when `excess` says some row has them; computed inside that branch, the flipped
+  array is never materialized.
   """
-  def search(_):
-    flipped = jnp.where(tied, group_size - pos, 0).astype(jnp.uint32)
-    return group_size - _kth_largest(flipped, need, group_size.bit_length()).astype(jnp.int32)
+  def search(operands):
+    flipped = lambda *a: flipped_fn(*a).astype(jnp.uint32)
+    cut = _kth_largest(flipped, operands, need, group_size.bit_length())
+    return group_size - cut.astype(jnp.int32)
 
-  excess = jnp.any(jnp.sum(tied, axis=1, dtype=jnp.int32) > need)
   keep_all = lambda _: jnp.full(need.shape, group_size, jnp.int32)
-  return lax.cond(excess, search, keep_all, None)
+  return lax.cond(excess, search, keep_all, operands)
 
 
 def _bracket_plan(n: int, k: int):
   """Sample ranks (a, b) whose values bracket the K-th largest, and the candidate capacity.
 
-  None when the group is too short for a sample to pay off.
+  None when the group is too short for a sample to pay off: with many short groups
+  (granularity "token") the candidate bookkeeping cost more than the 31 passes of
+  the whole-group search saved (measured on (32 * 197, 3072)).
   """
   if n < _BRACKET_MIN:
     return None
@@ -375,10 +395,15 @@ def _threshold_full(x: jax.Array, k: int):
   """
   groups, n = x.shape
   u = _magnitude_bits(x)
-  t = _kth_largest(u, k)
+  t = _kth_largest(_magnitude_bits, (x,), k)
   above = _count_at_least(u, t + 1)
-  pos = jnp.arange(n, dtype=jnp.int32)[None, :]
-  return t, _tie_cut(u == t[:, None], pos, k - above, n)
+  tied = _count_at_least(u, t) - above
+
+  def flipped(x, t):
+    pos = jnp.arange(n, dtype=jnp.int32)[None, :]
+    return jnp.where(_magnitude_bits(x) == t[:, None], n - pos, 0)
+
+  return t, _tie_cut(flipped, (x, t), jnp.any(tied > k - above), k - above, n)
 
 
 def _threshold(x: jax.Array, k: int):
@@ -400,7 +425,8 @@ def _threshold(x: jax.Array, k: int):
   # in one search over both copies.
   low_bits = max(0, u.dtype.itemsize * 8 - _BRACKET_BITS)
   ranks = jnp.repeat(jnp.asarray([max(a, 1), min(b, m)], jnp.int32), groups)
-  both = _kth_largest(jnp.concatenate([sample, sample]), ranks, low_bits=low_bits)
+  both = _kth_largest(lambda s: s, (jnp.concatenate([sample, sample]),), ranks,
+                      low_bits=low_bits)
   top = jnp.asarray(1 << (u.dtype.itemsize * 8 - 1), u.dtype)  # above every |x|
   step = jnp.asarray(1 << low_bits, u.dtype)
   hi = both[:groups] + step if a >= 1 else jnp.full((groups,), top)
@@ -417,7 +443,10 @@ def _threshold(x: jax.Array, k: int):
     cand = jnp.where(valid, cand, 0)
     t = _kth_largest_between(cand, k - above, lo, hi)
     over = above + jnp.sum(cand > t[:, None], axis=1, dtype=jnp.int32)
-    return t, _tie_cut(valid & (cand == t[:, None]), pos, k - over, n)
+    tied = valid & (cand == t[:, None])
+    excess = jnp.any(jnp.sum(tied, axis=1, dtype=jnp.int32) > k - over)
+    flipped = lambda tied, pos: jnp.where(tied, n - pos, 0)
+    return t, _tie_cut(flipped, (tied, pos), excess, k - over, n)
 
   return lax.cond(ok, from_candidates, lambda x: _threshold_full(x, k), x)
 

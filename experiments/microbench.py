@@ -1,9 +1,12 @@
 """Forward + backward time of each razor op over its plain op, at ViT-B/16 shapes.
 
   python experiments/microbench.py [--batch 32] [--prune_ratio 0.9] [--granularity sample]
+                                   [--repeats 7] [--only dense]
 
-Prints one line per op: plain ms, razor ms, their ratio. Timings are medians of jitted
-fwd+bwd calls after warm-up, on whatever backend jax picks.
+Prints one line per op: plain and razor ms (medians of jitted fwd+bwd calls after
+warm-up), their ratio, and the ratio of the fastest calls. Plain and razor calls
+alternate, so a machine busy with other work slows both alike; on a shared machine
+the min ratio is the steadier figure.
 """
 import argparse
 import functools
@@ -17,14 +20,17 @@ from razor_jax import ops
 from razor_jax.ops import PackSpec
 
 
-def _median_ms(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def _times_ms(fns, args, repeats):
+  """Per function, the ms of each of `repeats` calls, the functions taking turns."""
+  for fn in fns:
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, out in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      out.append(1e3 * (time.perf_counter() - start))
+  return times
 
 
 def _fwd_bwd(op):
@@ -64,19 +70,21 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--prune_ratio", type=float, default=0.9)
   parser.add_argument("--granularity", default="sample", choices=["sample", "token"])
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--only", default="", help="run only ops whose name contains this")
   args = parser.parse_args()
   spec = PackSpec(args.prune_ratio, args.granularity)
   print(f"backend={jax.default_backend()} batch={args.batch} prune_ratio={args.prune_ratio}"
         f" granularity={args.granularity}")
-  print(f"{'op':28s} {'plain ms':>9s} {'razor ms':>9s} {'ratio':>6s}")
+  print(f"{'op':28s} {'plain ms':>9s} {'razor ms':>9s} {'ratio':>6s} {'min ratio':>9s}")
   for name, (make, op_args) in cases(args.batch).items():
     if args.only not in name:
       continue
-    plain = _median_ms(_fwd_bwd(make(None)), op_args, args.repeats)
-    razor = _median_ms(_fwd_bwd(make(spec)), op_args, args.repeats)
-    print(f"{name:28s} {plain:9.1f} {razor:9.1f} {razor / plain:6.2f}", flush=True)
+    plain, razor = _times_ms([_fwd_bwd(make(None)), _fwd_bwd(make(spec))], op_args,
+                             args.repeats)
+    p, r = float(np.median(plain)), float(np.median(razor))
+    print(f"{name:28s} {p:9.1f} {r:9.1f} {r / p:6.2f} {min(razor) / min(plain):9.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,29 @@ def _groups(a, granularity):
   return np.asarray(a.astype(jnp.float32)).reshape(g, n)
 
 
+def _ef_to_bitmask(code, n, k):
+  """Numpy decoding of the Elias-Fano code (compress._ef_layout) into bitmask words."""
+  low, upper_words, _ = compress._ef_layout(n, k)
+  code = np.asarray(code)
+  words = np.zeros((code.shape[0], compress._num_words(n)), np.uint32)
+  for row, c in enumerate(code):
+    upper = np.unpackbits(c[:upper_words].view(np.uint8), bitorder="little")
+    at = np.flatnonzero(upper)
+    assert len(at) == k
+    planes = np.unpackbits(c[upper_words:].view(np.uint8), bitorder="little")
+    per = -(-k // 8)
+    planes = planes[:8 * per * low].reshape(low, per, 8)  # plane, byte, bit of byte
+    j = np.arange(k)
+    lows = sum(planes[p, j % per, j // per].astype(np.int64) << p for p in range(low))
+    index = ((at - j) << low) | lows
+    np.bitwise_or.at(words[row], index >> 5, (1 << (index & 31)).astype(np.uint32))
+  return words
+
+
 def _kept_mask(packed):
   g, n = packed.values.shape[0], packed.group_size
+  if packed.position_format == "elias_fano":
+    return _bitmask_to_mask(_ef_to_bitmask(packed.positions, n, packed.k), n)
   if packed.position_format == "bitmask":
     return _bitmask_to_mask(packed.positions, n)
   idx = np.asarray(packed.positions).astype(np.int64)
@@ -101,7 +122,8 @@ def _check_pack(x, ratio, granularity="sample", position_format="auto", value_fo
 
 
 @SETTINGS
-@given(cases(), st.sampled_from(["bitmask", "indices"]), st.sampled_from(["auto", "float32"]))
+@given(cases(), st.sampled_from(["bitmask", "indices", "elias_fano"]),
+       st.sampled_from(["auto", "float32"]))
 def test_pack_keeps_exactly_the_k_largest(case, position_format, value_format):
   x, ratio, granularity = case
   _check_pack(x, ratio, granularity, position_format, value_format)
@@ -283,11 +305,29 @@ def test_bits_per_element(ratio, bf16, int8):
 def test_bits_count_every_stored_byte():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 500))
   for value_format in ("auto", "int8", "float16"):
-    for position_format in ("bitmask", "indices"):
+    for position_format in ("bitmask", "indices", "elias_fano"):
       p = compress.pack(x, 0.9, value_format=value_format, position_format=position_format)
       stored = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(p))
       assert p.nbytes() == stored
       assert p.bits_per_element() == 8 * stored / x.size
+
+
+@pytest.mark.parametrize("ratio,bits", [(0.8, 3.851), (0.9, 2.026), (0.95, 1.063), (0.97, 0.662)])
+def test_elias_fano_bits_and_round_trip(ratio, bits):
+  # About K (L + 2) + N / 2**L position bits instead of the bitmask's N.
+  assert compress.bits_per_element(VIT_B, ratio, position_format="elias_fano") <= bits
+  x = _long_group("normal", seed=6)
+  packed = _check_pack(x, ratio, position_format="elias_fano")
+  assert packed.positions.dtype == jnp.uint32
+
+
+def test_elias_fano_extreme_ratios():
+  # L = 0 (keeping more than half) and L > 8 (keeping under 1/256).
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 4096))
+  for ratio in (0.0, 0.3, 0.999):
+    packed = _check_pack(x, ratio, position_format="elias_fano")
+    low = compress._ef_layout(4096, packed.k)[0]
+    assert (low == 0) if ratio < 0.5 else (low > 8)
 
 
 def test_auto_position_format_is_the_smaller():

@@ -282,18 +282,23 @@ def _prefix_sum(a: jax.Array, bound: int) -> jax.Array:
   `bound` is a static upper bound of any 32 consecutive entries' sum. Within blocks
   of 32 the sum is a float32 matmul with a triangular matrix, exact for integers
   below 2**24; jnp.cumsum over all of L lowers to several full-size reduce-windows.
+  The blocks are materialized before they are flattened: as the root of a fusion,
+  that reshape made XLA:CPU's loop 4x slower.
   """
   groups, length = a.shape
   if bound >= 2**24 or length < 64:
     return jnp.cumsum(a, axis=1, dtype=jnp.int32)
-  pad = (-length) % 32
-  blocks = jnp.pad(a, ((0, 0), (0, pad))).reshape(-1, 32).astype(jnp.float32)
-  tri = jnp.triu(jnp.ones((32, 32), jnp.float32))
-  inner = jnp.dot(blocks, tri, precision=lax.Precision.HIGHEST).astype(jnp.int32)
-  inner = inner.reshape(groups, -1, 32)
-  totals = inner[:, :, -1]
-  before = jnp.cumsum(totals, axis=1, dtype=jnp.int32) - totals
-  return (inner + before[:, :, None]).reshape(groups, -1)[:, :length]
+
+  def blocks(a):
+    pad = (-length) % 32
+    b = jnp.pad(a, ((0, 0), (0, pad))).reshape(-1, 32).astype(jnp.float32)
+    tri = jnp.triu(jnp.ones((32, 32), jnp.float32))
+    inner = jnp.dot(b, tri, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    inner = inner.reshape(groups, -1, 32)
+    totals = inner[:, :, -1]
+    return inner + (jnp.cumsum(totals, axis=1, dtype=jnp.int32) - totals)[:, :, None]
+
+  return materialize(blocks, a).reshape(groups, -1)[:, :length]
 
 
 def _select_in_word(w: jax.Array, r: jax.Array) -> jax.Array:
@@ -484,29 +489,37 @@ def _pack_planes(v: jax.Array, nbits: int) -> jax.Array:
 
   Plane p is bytes [p B, (p + 1) B) with B = ceil(K / 8); value j of a row is bit
   j // B of byte j % B of each plane. The eight values of a byte are B apart, so
-  packing adds eight contiguous slices (elementwise, vectorized; XLA:CPU emits a
-  slow loop for a reduction whose result is reshaped).
+  packing ORs eight contiguous slices (vectorized; XLA:CPU emits a slow loop for a
+  reduction whose result is reshaped). The planes are flattened outside the fusion
+  that packs them: as its root, the reshape cost 2x.
   """
   groups, k = v.shape
   per = -(-k // 8)
   dtype = jnp.uint8 if nbits <= 8 else jnp.uint32
-  v = jnp.pad(v.astype(dtype), ((0, 0), (0, per * 8 - k))).reshape(groups, 1, 8, per)
-  planes = ((v >> jnp.arange(nbits, dtype=dtype)[:, None, None]) & 1).astype(jnp.uint8)
-  packed = planes[:, :, 0]
-  for j in range(1, 8):
-    packed = packed | (planes[:, :, j] << j)
-  return packed.reshape(groups, -1)
+
+  def planes(v):
+    v = jnp.pad(v.astype(dtype), ((0, 0), (0, per * 8 - k))).reshape(groups, 1, 8, per)
+    bits = ((v >> jnp.arange(nbits, dtype=dtype)[:, None, None]) & 1).astype(jnp.uint8)
+    packed = bits[:, :, 0]
+    for j in range(1, 8):
+      packed = packed | (bits[:, :, j] << j)
+    return packed
+
+  return materialize(planes, v).reshape(groups, -1)
 
 
 def _unpack_planes(planes: jax.Array, nbits: int, k: int) -> jax.Array:
   """Inverse of `_pack_planes`: (groups, K) int32."""
   groups = planes.shape[0]
-  planes = planes.reshape(groups, nbits, 1, -1)
-  bits = (planes >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
-  v = bits[:, 0].astype(jnp.int32)
-  for p in range(1, nbits):
-    v = v | (bits[:, p].astype(jnp.int32) << p)
-  return v.reshape(groups, -1)[:, :k]
+
+  def values(planes):
+    bits = (planes.reshape(groups, nbits, 1, -1) >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
+    v = bits[:, 0].astype(jnp.int32)
+    for p in range(1, nbits):
+      v = v | (bits[:, p].astype(jnp.int32) << p)
+    return v
+
+  return materialize(values, planes).reshape(groups, -1)[:, :k]
 
 
 def _encode_bf16(kept: jax.Array) -> jax.Array:

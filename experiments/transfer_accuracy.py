@@ -1,0 +1,47 @@
+"""Transfer accuracy: full fine-tuning vs Back Razor@0.8/0.9/0.95/0.97, 3 seeds, SGD and Adam.
+
+Also Back Razor@0.9 with attention kept exact (razor_jax.bench.accuracy.EXTRA_METHODS).
+
+  python experiments/transfer_accuracy.py            # ~1.5 h on 2 CPU cores; resumes
+  python experiments/transfer_accuracy.py --quick    # a smoke run of a few minutes
+
+Starts every run from the demo's pretrained ViT (experiments/configs/demo.py) and
+writes results/transfer_accuracy.json, then re-renders results/README.md. The logic
+is razor_jax.bench.accuracy.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+from razor_jax import cli
+from razor_jax.bench import accuracy, render
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, os.pardir, "results")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="60 steps, one seed, full and razor@0.9, SGD; into a temp dir")
+  parser.add_argument("--out", help="the JSON to write (default results/transfer_accuracy.json)")
+  args = parser.parse_args(argv)
+  base = cli.load_config("demo", os.path.join(HERE, "configs")).to_dict()
+  if args.quick:
+    out = args.out or os.path.join(tempfile.gettempdir(), "razor_jax_accuracy_quick.json")
+    if os.path.exists(out) and not args.out:
+      os.remove(out)
+    accuracy.sweep(base, out, prune_ratios=(0.0, 0.9), extra=None, seeds=(0,),
+                   optimizers=("sgd",), total_steps=60)
+  else:
+    out = args.out or os.path.join(RESULTS, "transfer_accuracy.json")
+    accuracy.sweep(base, out)
+    render.write(os.path.dirname(out))
+  print("\n".join(accuracy.load_markdown(out)))
+  print(f"wrote {os.path.normpath(out)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,14 @@
+"""Evidence for razor_jax: memory, step time, bits, gradient fidelity and transfer accuracy.
+
+  cases.py     what one measurement is (model, batch, method) and its train config
+  step.py      the trainer's compiled step for a case; packed bits by tracing
+  child.py     measured peak in a fresh process (RSS on CPU, peak_bytes_in_use on GPU)
+  measure.py   step times taken in turns; per-layer gradient cosines
+  suite.py     plans (full, quick, gpu) and running them into records
+  records.py   the JSON records and their required keys
+  report.py    results/README.md tables, beside the paper's figures (paper.py)
+  plots.py     memory against batch size and against step time
+  render.py    README and plots from a results folder
+  accuracy.py  the transfer-accuracy sweep on the offline demo
+  cli.py       the command line of experiments/benchmark.py
+"""

@@ -142,6 +142,27 @@ def test_long_groups_exact_whether_the_bracket_holds_or_not(kind, ratio):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["normal", "gelu", "softmax", "outliers", "bfloat16", "cauchy"])
+def test_sampled_bracket_holds_on_typical_activations(kind):
+  # The fallback (a search over the whole group) is exact but 4x slower: the bracket
+  # and the candidate capacity must hold for activation-like data with room to spare.
+  key = jax.random.PRNGKey(7)
+  x = {"normal": lambda: jax.random.normal(key, (4, 197 * 768)),
+       "gelu": lambda: jax.nn.gelu(jax.random.normal(key, (4, 197 * 768))),
+       "softmax": lambda: jax.nn.softmax(3 * jax.random.normal(key, (4, 12 * 197, 197))),
+       "outliers": lambda: jax.random.normal(key, (4, 197, 768)) * jnp.where(
+           jnp.arange(768) % 97 == 0, 30.0, 1.0),
+       "bfloat16": lambda: jax.random.normal(key, (4, 197 * 768)).astype(jnp.bfloat16),
+       "cauchy": lambda: jax.random.cauchy(key, (4, 197 * 768))}[kind]()
+  x = x.reshape(x.shape[0], -1)
+  for ratio in (0.5, 0.8, 0.9, 0.95, 0.97):
+    k = compress.keep_count(x.shape[1], ratio)
+    plan = compress._bracket_plan(x.shape[1], k)
+    *_, count, ok = jax.jit(compress._bracket, static_argnums=(1, 2))(x, k, plan)
+    assert ok, (ratio, count, plan)
+    assert int(count.max()) <= 0.9 * plan[-1], (ratio, count, plan)
+
+
 def test_ties_keep_the_lowest_positions_in_long_groups():
   n = 1 << 15
   x = jnp.ones((1, n)).at[0, 5000:5100].set(2.0)

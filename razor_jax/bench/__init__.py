@@ -10,5 +10,6 @@
   plots.py     memory against batch size and against step time
   render.py    README and plots from a results folder
   accuracy.py  the transfer-accuracy sweep on the offline demo
+  version.py   the commit a figure was measured with
   cli.py       the command line of experiments/benchmark.py
 """

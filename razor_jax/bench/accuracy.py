@@ -17,6 +17,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from razor_jax import train
+from razor_jax.bench import version
 
 PRUNE_RATIOS = (0.0, 0.8, 0.9, 0.95, 0.97)  # 0.0 = full fine-tuning
 # Methods beyond a plain prune ratio, as config overrides. Attention's q, k, softmax and
@@ -86,9 +87,12 @@ def _portable(base: dict) -> dict:
   return base
 
 
-def save(path: str, runs: Sequence[dict], base: dict):
+def save(path: str, runs: Sequence[dict], base: dict, notes: Sequence[str] = ()):
+  """Writes the runs, their summary and `notes` (kept from the file when not given)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  doc = {"base_config": _portable(base), "runs": sorted(runs, key=_order), "summary": summarize(runs)}
+  notes = list(notes) or (load(path) or {}).get("notes", [])
+  doc = {"base_config": _portable(base), "notes": notes, "runs": sorted(runs, key=_order),
+         "summary": summarize(runs)}
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(doc, f, indent=1)
     f.write("\n")
@@ -111,7 +115,8 @@ def sweep(base: dict, path: str, *, prune_ratios=PRUNE_RATIOS, extra=EXTRA_METHO
       for seed in seeds:
         config = run_config(base, method, optimizer, seed, total_steps)
         run = {"optimizer": optimizer, "prune_ratio": config["prune_ratio"], "method": label,
-               "seed": seed, "total_steps": config["total_steps"], "lr": config["lr"]}
+               "seed": seed, "total_steps": config["total_steps"], "lr": config["lr"],
+               "commit": version.code_version()}
         if _key(run) in done:
           continue
         workdir = tempfile.mkdtemp(prefix="razor_accuracy_")
@@ -170,6 +175,9 @@ def markdown(doc: dict) -> list[str]:
     lr = next(r["lr"] for r in runs if r["optimizer"] == row["optimizer"])
     lines.append(f"| {row['optimizer']} (lr {lr:g}) | {row['total_steps']} | {row['method']} |"
                  f" {row['seeds']} | {row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {gap} |")
+  commits = sorted({r.get("commit") or "not recorded" for r in runs})
+  lines += ["", f"razor_jax commits of the runs: {', '.join(commits)}."]
+  lines += [f"{note}" for note in doc.get("notes", [])]
   return lines + [""]
 
 

@@ -21,12 +21,11 @@ import argparse
 import dataclasses
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from typing import Optional, Sequence
 
-from razor_jax.bench import records, render, suite
+from razor_jax.bench import records, render, suite, version
 
 STAGES = ("compiled", "measured", "timed", "cosine")
 
@@ -65,20 +64,6 @@ def _select(plan: suite.Plan, stages: Sequence[str], methods: Sequence[str]) -> 
   return dataclasses.replace(plan, **changes)
 
 
-def code_version() -> Optional[str]:
-  """The short commit of the razor_jax being run, "+modified" if its library files (not
-  razor_jax/bench) differ from it; None outside a git checkout."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-  try:
-    commit = git("rev-parse", "--short", "HEAD")
-    changed = git("status", "--porcelain", "--", "razor_jax", ":(exclude)razor_jax/bench")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return commit + ("+modified" if changed else "")
-
-
 def main(argv: Optional[Sequence[str]], results_dir: str, demo_checkpoint: str) -> int:
   args = parse_args(argv)
   stages = [s for s in args.stages.split(",") if s]
@@ -104,7 +89,7 @@ def main(argv: Optional[Sequence[str]], results_dir: str, demo_checkpoint: str) 
     began = time.monotonic()
     kept = records.load(path)
     # Saved after every measurement, so an interrupted run keeps what it measured.
-    commit = code_version()
+    commit = version.code_version()
 
     def save(new):
       for r in new:

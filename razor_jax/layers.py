@@ -451,9 +451,7 @@ def _attend(m, policy: Policy, query, key, value, mask, dropout_rng, determinist
     weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype))
     return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=m.precision,
                       _dot_general=lax.dot_general)
-  if fp32:
-    logits, value = logits.astype(jnp.float32), value.astype(jnp.float32)
-  return ops.softmax_attend(logits, value, spec, precision=m.precision)
+  return ops.softmax_attend(logits, value, spec, precision=m.precision, softmax_in_float32=fp32)
 
 
 def _mha(m, policy: Policy, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None,

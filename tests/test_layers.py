@@ -256,6 +256,24 @@ def test_mha_options_forward(fields, kwargs):
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+def test_mha_fp32_softmax_in_bf16_matches_flax():
+  """force_fp32_for_softmax with bf16 compute through the razor softmax-V op: flax's
+  float32 probabilities make the output float32; razor's forward is flax's, bit for bit."""
+  x = _rand(0, (2, 5, 16), BF16)
+  fields = dict(num_heads=2, dtype=BF16, force_fp32_for_softmax=True)
+  flax_mha = nn.MultiHeadDotProductAttention(**fields)
+  params = jax.jit(flax_mha.init)(KEY, x)
+  want = jax.jit(flax_mha.apply)(params, x)
+  for ratio in (0.0, 0.9):
+    razor = layers.RazorMultiHeadDotProductAttention(prune_ratio=ratio, **fields)
+    got = jax.jit(razor.apply)(params, x)
+    assert got.dtype == want.dtype
+    chex.assert_trees_all_equal(got, want)
+    grads = jax.jit(jax.grad(lambda p, x: jnp.sum(razor.apply(p, x).astype(F32)), (0, 1)))(
+        params, x)
+    assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree.leaves(grads))
+
+
 def test_mha_projects_each_distinct_input_once(monkeypatch):
   """q, k and v made from one array go through one dense_multi (one packed copy)."""
   xq, xkv, xv = _rand(0, (2, 5, 16)), _rand(1, (2, 7, 16)), _rand(2, (2, 7, 16))

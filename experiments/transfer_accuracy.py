@@ -4,6 +4,8 @@ Also Back Razor@0.9 with attention kept exact (razor_jax.bench.accuracy.EXTRA_ME
 
   python experiments/transfer_accuracy.py            # ~1.5 h on 2 CPU cores; resumes
   python experiments/transfer_accuracy.py --quick    # a smoke run of a few minutes
+  python experiments/transfer_accuracy.py --steps 2000 --ratios 0,0.9 --no_extra
+                                                     # a longer schedule, added beside
 
 Starts every run from the demo's pretrained ViT (experiments/configs/demo.py) and
 writes results/transfer_accuracy.json, then re-renders results/README.md. The logic
@@ -26,7 +28,23 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true",
                       help="60 steps, one seed, full and razor@0.9, SGD; into a temp dir")
   parser.add_argument("--out", help="the JSON to write (default results/transfer_accuracy.json)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per run (default: the demo config's)")
+  parser.add_argument("--ratios", default=",".join(map(str, accuracy.PRUNE_RATIOS)),
+                      help="comma list of prune ratios; 0 is full fine-tuning")
+  parser.add_argument("--optimizers", default=",".join(accuracy.OPTIMIZERS),
+                      help="comma list of " + ", ".join(accuracy.OPTIMIZERS))
+  parser.add_argument("--seeds", default=",".join(map(str, accuracy.SEEDS)))
+  parser.add_argument("--no_extra", action="store_true",
+                      help="skip the extra methods (" + ", ".join(accuracy.EXTRA_METHODS) + ")")
   args = parser.parse_args(argv)
+  unknown = set(args.optimizers.split(",")) - set(accuracy.OPTIMIZERS)
+  if unknown:
+    parser.error(f"--optimizers: unknown {sorted(unknown)}; expected some of"
+                 f" {list(accuracy.OPTIMIZERS)}")
+  ratios = tuple(float(r) for r in args.ratios.split(","))
+  if any(not 0.0 <= r < 1.0 for r in ratios):
+    parser.error(f"--ratios: each prune ratio must be in [0, 1), got {args.ratios}")
   base = cli.load_config("demo", os.path.join(HERE, "configs")).to_dict()
   if args.quick:
     out = args.out or os.path.join(tempfile.gettempdir(), "razor_jax_accuracy_quick.json")
@@ -36,7 +54,9 @@ def main(argv=None) -> int:
                    optimizers=("sgd",), total_steps=60)
   else:
     out = args.out or os.path.join(RESULTS, "transfer_accuracy.json")
-    accuracy.sweep(base, out)
+    accuracy.sweep(base, out, prune_ratios=ratios, extra=None if args.no_extra else
+                   accuracy.EXTRA_METHODS, seeds=tuple(int(x) for x in args.seeds.split(",")),
+                   optimizers=tuple(args.optimizers.split(",")), total_steps=args.steps)
     render.write(os.path.dirname(out))
   print("\n".join(accuracy.load_markdown(out)))
   print(f"wrote {os.path.normpath(out)}")

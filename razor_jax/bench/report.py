@@ -223,9 +223,10 @@ def findings(index: Index, accuracy_doc: Optional[dict]) -> list[str]:
                  " 15-bit bfloat16 values); with 8-bit values see the bits table.")
   rows = accuracy.summarize(accuracy_doc.get("runs", [])) if accuracy_doc else []
   for row in rows:
-    if row["method"] == "razor@0.9" and row["gap_to_full"] is not None:
+    if row["method"].startswith("razor@0.9") and row["gap_to_full"] is not None:
       verdict = "within" if row["gap_to_full"] >= -ACCURACY_GOAL else "not within"
-      lines.append(f"- Transfer accuracy ({row['optimizer']}): Back Razor@0.9"
+      method = "Back Razor@0.9" + row["method"][len("razor@0.9"):]
+      lines.append(f"- Transfer accuracy ({row['optimizer']}, {row['total_steps']} steps): {method}"
                    f" {row['top1_mean']:.2f} ± {row['top1_std']:.2f}% vs full fine-tuning, gap"
                    f" {row['gap_to_full']:+.2f} points: {verdict} the {ACCURACY_GOAL} point goal.")
   gpu = [r for r in index.all if r.backend != "cpu"]

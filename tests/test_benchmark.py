@@ -129,7 +129,7 @@ def test_render_writes_tables_and_plots(tmp_path):
   records.save(os.path.join(out, render.BENCHMARK_JSON), _fake_records())
   runs = [{"optimizer": "sgd", "prune_ratio": r, "method": accuracy.method_label(r), "seed": s,
            "total_steps": 500, "lr": 0.03, "top1": 90.0 + s - 10 * r, "eval_examples": 191}
-          for r in (0.0, 0.9) for s in range(3)]
+          for r in (0.0, 0.9, 0.95) for s in range(3)]
   accuracy.save(os.path.join(out, render.ACCURACY_JSON), runs,
                 {"init_path": os.path.join(out, "ckpt.npz")})
   paths = render.write(out)
@@ -139,6 +139,7 @@ def test_render_writes_tables_and_plots(tmp_path):
                  "(sgd, 500 steps): Back Razor@0.9 82.00 ± 1.00% vs full fine-tuning, gap"
                  " -9.00 points: not within"):
     assert needle in text, needle
+  assert "Back Razor@0.95" not in text  # the findings quote 0.9 and its variants only
   for png in paths[1:]:
     with open(png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"

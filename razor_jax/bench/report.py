@@ -223,7 +223,8 @@ def findings(index: Index, accuracy_doc: Optional[dict]) -> list[str]:
                  " 15-bit bfloat16 values); with 8-bit values see the bits table.")
   rows = accuracy.summarize(accuracy_doc.get("runs", [])) if accuracy_doc else []
   for row in rows:
-    if row["method"].startswith("razor@0.9") and row["gap_to_full"] is not None:
+    headline = row["method"] == "razor@0.9" or row["method"].startswith("razor@0.9 ")
+    if headline and row["gap_to_full"] is not None:
       verdict = "within" if row["gap_to_full"] >= -ACCURACY_GOAL else "not within"
       method = "Back Razor@0.9" + row["method"][len("razor@0.9"):]
       lines.append(f"- Transfer accuracy ({row['optimizer']}, {row['total_steps']} steps): {method}"

@@ -177,7 +177,8 @@ def markdown(doc: dict) -> list[str]:
                  f" {row['seeds']} | {row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {gap} |")
   commits = sorted({r.get("commit") or "not recorded" for r in runs})
   lines += ["", f"razor_jax commits of the runs: {', '.join(commits)}."]
-  lines += [f"{note}" for note in doc.get("notes", [])]
+  for note in doc.get("notes", []):  # one paragraph each
+    lines += ["", note]
   return lines + [""]
 
 

@@ -353,13 +353,18 @@ def _select_bits(words: jax.Array, count: int):
   return index, valid, total
 
 
+def _positions(index: jax.Array, group_size: int) -> jax.Array:
+  """Flat element positions of bitmask indices (32 * word + bit)."""
+  return _element_index(index >> 5, index & 31, _lanes(group_size))
+
+
 def _select(words: jax.Array, count: int, group_size: int):
   """Flat positions of the first `count` kept elements of a bitmask, in bitmask order.
 
   Returns (positions (groups, count) int32, valid, kept per row); see `_select_bits`.
   """
   index, valid, total = _select_bits(words, count)
-  return _element_index(index >> 5, index & 31, _lanes(group_size)), valid, total
+  return _positions(index, group_size), valid, total
 
 
 def _tie_cut(flipped_fn, operands, excess: jax.Array, need: jax.Array,
@@ -598,15 +603,20 @@ def _ef_layout(group_size: int, k: int) -> tuple[int, int, int]:
   return low, upper_words, low_words
 
 
+def _set_bits(index: jax.Array, num_words: int) -> jax.Array:
+  """(groups, num_words) uint32 words with bits `index` (distinct per row) set."""
+  rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None]
+  # Distinct bits, so adding them is OR-ing.
+  return jnp.zeros((index.shape[0], num_words), jnp.uint32).at[rows, index >> 5].add(
+      jnp.uint32(1) << (index & 31).astype(jnp.uint32), mode="drop")
+
+
 def _ef_encode(index: jax.Array, group_size: int) -> jax.Array:
   """(groups, upper + low words) uint32 Elias-Fano code of sorted bitmask indices (groups, K)."""
   groups, k = index.shape
   low, upper_words, low_words = _ef_layout(group_size, k)
-  rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
-  # Bit h_i + i of the upper vector: strictly increasing, so adding the bits is OR-ing.
-  at = (index >> low) + jnp.arange(k, dtype=jnp.int32)[None, :]
-  upper = jnp.zeros((groups, upper_words), jnp.uint32).at[rows, at >> 5].add(
-      jnp.uint32(1) << (at & 31).astype(jnp.uint32), mode="drop")
+  # Bit h_i + i of the upper vector (strictly increasing in i).
+  upper = _set_bits((index >> low) + jnp.arange(k, dtype=jnp.int32)[None, :], upper_words)
   if not low:
     return upper
   planes = _pack_planes(index & ((1 << low) - 1), low)
@@ -624,9 +634,7 @@ def _ef_decode(code: jax.Array, group_size: int, k: int) -> jax.Array:
   if low:
     planes = lax.bitcast_convert_type(code[:, upper_words:], jnp.uint8).reshape(groups, -1)
     index = index | _unpack_planes(planes[:, :low * -(-k // 8)], low, k)
-  rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
-  return jnp.zeros((groups, _num_words(group_size)), jnp.uint32).at[rows, index >> 5].add(
-      jnp.uint32(1) << (index & 31).astype(jnp.uint32), mode="drop")
+  return _set_bits(index, _num_words(group_size))
 
 
 # ----------------------------------------------------------------- Packed
@@ -732,7 +740,7 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
   flat = x.reshape(groups, n)
   words = topk_words(flat, k)
   index, _, _ = _select_bits(words, k)
-  pos = _element_index(index >> 5, index & 31, _lanes(n))
+  pos = _positions(index, n)
   kept = materialize(lambda a, p: jnp.take_along_axis(a, p, axis=1), flat, pos)
   values, scale = _encode(kept, value_format)
   if position_format == "bitmask":

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from razor_jax import train
-from razor_jax.bench import version
+from razor_jax.bench import records, version
 
 PRUNE_RATIOS = (0.0, 0.8, 0.9, 0.95, 0.97)  # 0.0 = full fine-tuning
 # Methods beyond a plain prune ratio, as config overrides. Attention's q, k, softmax and
@@ -89,14 +89,9 @@ def _portable(base: dict) -> dict:
 
 def save(path: str, runs: Sequence[dict], base: dict, notes: Sequence[str] = ()):
   """Writes the runs, their summary and `notes` (kept from the file when not given)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   notes = list(notes) or (load(path) or {}).get("notes", [])
-  doc = {"base_config": _portable(base), "notes": notes, "runs": sorted(runs, key=_order),
-         "summary": summarize(runs)}
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(doc, f, indent=1)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  records.write_json(path, {"base_config": _portable(base), "notes": notes,
+                            "runs": sorted(runs, key=_order), "summary": summarize(runs)})
 
 
 def sweep(base: dict, path: str, *, prune_ratios=PRUNE_RATIOS, extra=EXTRA_METHODS,
@@ -110,13 +105,14 @@ def sweep(base: dict, path: str, *, prune_ratios=PRUNE_RATIOS, extra=EXTRA_METHO
   """
   runs = load_runs(path)
   done = {_key(r) for r in runs}
+  commit = version.code_version()  # of the code imported now, which every run uses
   for optimizer in optimizers:
     for label, method in methods(prune_ratios, extra).items():
       for seed in seeds:
         config = run_config(base, method, optimizer, seed, total_steps)
         run = {"optimizer": optimizer, "prune_ratio": config["prune_ratio"], "method": label,
                "seed": seed, "total_steps": config["total_steps"], "lr": config["lr"],
-               "commit": version.code_version()}
+               "commit": commit}
         if _key(run) in done:
           continue
         workdir = tempfile.mkdtemp(prefix="razor_accuracy_")

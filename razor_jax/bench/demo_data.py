@@ -22,8 +22,7 @@ def pretrained_params(case: Case, checkpoint: str):
   A new zero head would make every other gradient zero at the first step.
   """
   model = bench_step.build_model(case)
-  image = jnp.zeros((1, case.resolution, case.resolution, 3))
-  init = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False)["params"])
+  init = jax.eval_shape(lambda: bench_step.init_params(model, case))
   return load_pretrained(checkpoint, init, keep_head=True)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from razor_jax.bench import step as bench_step
 from razor_jax.bench.cases import FULL, Case
+from razor_jax.models import vit_checkpoint
 
 
 def step_times(cases: Sequence[Case], *, rounds: int = 5, warmup: int = 1,
@@ -47,20 +48,10 @@ def step_times(cases: Sequence[Case], *, rounds: int = 5, warmup: int = 1,
   return times
 
 
-def _layer_leaves(tree, stacked_name: str = "encoderblock") -> dict[str, np.ndarray]:
+def _layer_leaves(tree) -> dict[str, np.ndarray]:
   """Leaves by path; scanned block params are split per layer (encoderblock_{i}/...)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    keys = [str(getattr(k, "key", k)) for k in path]
-    leaf = np.asarray(jax.device_get(leaf), np.float64)
-    if stacked_name in keys:
-      at = keys.index(stacked_name)
-      for i in range(leaf.shape[0]):
-        name = keys[:at] + [f"{stacked_name}_{i}"] + keys[at + 1:]
-        out["/".join(name)] = leaf[i]
-    else:
-      out["/".join(keys)] = leaf
-  return out
+  flat = vit_checkpoint.unstack_blocks(vit_checkpoint.flatten(tree))
+  return {path: np.asarray(jax.device_get(leaf), np.float64) for path, leaf in flat.items()}
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> Optional[float]:

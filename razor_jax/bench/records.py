@@ -9,7 +9,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-from razor_jax.bench.cases import Case
+from razor_jax.bench.cases import Case, Method
 
 
 @dataclasses.dataclass
@@ -27,7 +27,7 @@ class Record:
   # How the figures were taken.
   dtype: str = "float32"  # compute dtype (params are float32)
   image_size: int = 224
-  measured_peak_kind: Optional[str] = None  # "rss_growth" (CPU) or "device_peak_bytes_in_use"
+  measured_peak_kind: Optional[str] = None  # "rss" (CPU) or "device_peak_bytes_in_use"
   step_time_s: Optional[float] = None  # median seconds per step
   grad_cosine_min: Optional[float] = None
   grad_cosine_mean: Optional[float] = None
@@ -37,9 +37,7 @@ class Record:
 
   @property
   def label(self) -> str:
-    if self.method in ("full", "remat"):
-      return self.method
-    return f"{self.method}@{self.prune_ratio:g}"
+    return Method(self.method, self.prune_ratio).label
 
   @property
   def key(self) -> tuple:
@@ -80,13 +78,17 @@ def load(path: str) -> list[Record]:
   return [Record(**{k: v for k, v in check(r).items() if k in fields}) for r in rows]
 
 
-def save(path: str, records: Iterable[Record]):
-  rows = sorted((r for r in records), key=sort_key)
+def write_json(path: str, doc) -> None:
+  """Writes `doc` to `path` whole or not at all (an interrupted write leaves the old file)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump([check(r.to_json()) for r in rows], f, indent=1)
+    json.dump(doc, f, indent=1)
     f.write("\n")
   os.replace(path + ".tmp", path)
+
+
+def save(path: str, records: Iterable[Record]):
+  write_json(path, [check(r.to_json()) for r in sorted(records, key=sort_key)])
 
 
 def merge(old: Iterable[Record], new: Iterable[Record]) -> list[Record]:

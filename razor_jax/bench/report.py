@@ -10,12 +10,12 @@ from typing import Iterable, Optional, Sequence
 import statistics
 
 from razor_jax.bench import accuracy, paper
+from razor_jax.bench.cases import ALL_METHODS
 from razor_jax.bench.records import Record, sort_key
 
 GIB = 2**30
 MIB = 2**20
-METHOD_COLUMNS = ("full", "remat", "razor@0.8", "razor@0.9", "razor@0.95", "razor@0.97",
-                  "razor_int8@0.9")
+METHOD_COLUMNS = tuple(m.label for m in ALL_METHODS)
 
 
 class Index:
@@ -250,9 +250,10 @@ def render(records: Sequence[Record], accuracy_doc: Optional[dict] = None,
       "",
       "- **compiled peak**: XLA's memory analysis of that step, argument + output + temp −",
       "  alias (nothing runs; any size). On CPU it is XLA:CPU's buffer assignment.",
-      "- **measured**: a fresh process per configuration runs the step. CPU: arguments plus",
-      "  the growth of resident memory during a step after a warm-up one (kernel high-water",
-      "  mark reset before it); GPU: the allocator's `peak_bytes_in_use`.",
+      "- **measured**: a fresh process per configuration runs the step. CPU: the peak",
+      "  resident size while the steps run less the resident size before the train state",
+      "  was created (kernel high-water mark reset after compiling); GPU: the allocator's",
+      "  `peak_bytes_in_use`.",
       "- **step time × full**: median step time over rounds in which the methods of one",
       "  model and batch take turns (CPU, shared with other jobs: ratios, not absolutes).",
       "- **bits / element**: stored bits per element over every packed residual of the",

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from razor_jax import compress, sharding, train_setup
+from razor_jax import compress, sharding, train_setup, train_step
 from razor_jax.bench.cases import Case
 from razor_jax.memory import CompiledMemory
 
@@ -84,12 +84,16 @@ def init_state(built: Built, seed: int = 0):
   return train_setup.init_state(built.model, built.tx, built.config, built.mesh, shardings, rng)
 
 
+def init_params(model, case: Case, seed: int = 0):
+  """`model`'s initialized params for `case`'s image size (wrap in jax.eval_shape for shapes)."""
+  image = jnp.zeros((1, case.resolution, case.resolution, 3))
+  return model.init(jax.random.key(seed), image, train=False)["params"]
+
+
 def random_params(case: Case, seed: int = 0):
   """Initialized params with a random head: the zero-initialized head of a fresh model
   would make every other gradient zero, leaving nothing to compare."""
-  model = build_model(case)
-  image = jnp.zeros((1, case.resolution, case.resolution, 3))
-  params = model.init(jax.random.key(seed), image, train=False)["params"]
+  params = init_params(build_model(case), case, seed)
   kernel = params["head"]["kernel"]
   head = 0.02 * jax.random.normal(jax.random.key(seed + 1), kernel.shape, kernel.dtype)
   return {**params, "head": {**params["head"], "kernel": head}}
@@ -103,8 +107,7 @@ def loss_fn(model):
   """Mean cross entropy of `model` on a batch, as a function of its params."""
   def loss(params, batch):
     logits = model.apply({"params": params}, batch["image"], train=True)
-    labels = jax.nn.one_hot(batch["label"], logits.shape[-1])
-    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits.astype(jnp.float32)), -1))
+    return jnp.mean(train_step.cross_entropy(logits, batch["label"]))
   return loss
 
 
@@ -119,8 +122,7 @@ def packed_bits(case: Case) -> Optional[float]:
   model = build_model(case)
   image = jax.ShapeDtypeStruct((case.batch, case.resolution, case.resolution, 3), jnp.float32)
   batch = {"image": image, "label": jax.ShapeDtypeStruct((case.batch,), jnp.int32)}
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image.shape[1:]),
-                                             train=False)["params"])
+  params = jax.eval_shape(lambda: init_params(model, case))
   seen = []
   original = compress.pack
 

@@ -71,7 +71,7 @@ def _block_names(flat: Mapping, to_linen: bool) -> dict:
   return out
 
 
-def _unstack(flat: Mapping) -> dict:
+def unstack_blocks(flat: Mapping) -> dict:
   """Scanned layout (Transformer/encoderblock/... with a layer axis) -> one entry per block."""
   out = {}
   for path, value in flat.items():
@@ -166,7 +166,7 @@ def load_pretrained(path_or_arrays: Any, init_params: Mapping, *, has_cls: bool 
   init = flatten(dict(init_params))
   ckpt = _block_names(arrays, to_linen=True)
   if _is_scanned(ckpt):
-    ckpt = _unstack(ckpt)
+    ckpt = unstack_blocks(ckpt)
   if _is_scanned(init):
     num_layers = _shape(init[next(p for p in init if p.startswith("Transformer/encoderblock/"))])[0]
     ckpt = _stack(ckpt, num_layers)
@@ -213,7 +213,7 @@ def export(params: Mapping, path: str) -> None:
   """Writes params in the public .npz format (unrolled blocks, pre-linen names)."""
   from etils import epath
   flat = {p: np.asarray(v) for p, v in flatten(dict(params)).items()}
-  flat = _block_names(_unstack(flat), to_linen=False)
+  flat = _block_names(unstack_blocks(flat), to_linen=False)
   buf = io.BytesIO()
   np.savez(buf, **flat)
   epath.Path(path).write_bytes(buf.getvalue())

@@ -8,7 +8,7 @@ compaction methods turn the mask into the K kept values in a static (groups, K)
 array. Printed per method: the median and minimum ms over jitted calls (methods run
 interleaved, so a busy machine slows all of them alike) and XLA's compiled temp
 bytes. razor_jax uses the sampled-bracket bit threshold and the gather compaction
-(`compress.pack`): fastest here, exact K per group, transients a fraction of the
+(`razor_jax.packed.pack`): fastest here, exact K per group, transients a fraction of the
 input.
 """
 import argparse
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from razor_jax import compress, memory
+from razor_jax import codecs, memory, packed, selection
 
 
 def _selection(k_sample, k_token, width):
@@ -34,17 +34,17 @@ def _selection(k_sample, k_token, width):
     return lax.approx_max_k(jnp.abs(x), k_sample)[1]
 
   def bits_whole_group(x):  # 31 compare-and-count passes over the whole group
-    t, cut = compress._threshold_full(x, k_sample)
+    t, cut = selection.threshold_full(x, k_sample)
     return t, cut
 
   def bits_bracketed(x):  # razor_jax: sampled bracket, search among ~2% candidates
-    return compress._threshold(x, k_sample)
+    return selection.threshold(x, k_sample)
 
   def bits_bracketed_bitmask(x):  # the same, and the kept set packed as a bitmask
-    return compress.topk_words(x, k_sample)
+    return selection.topk_words(x, k_sample)
 
   def bits_token(x):
-    return compress.topk_words(x.reshape(-1, width), k_token)
+    return selection.topk_words(x.reshape(-1, width), k_token)
 
   def block_local(x, block=64):  # top-k inside blocks of 64: cheap, not the per-sample rule
     kb = max(1, round(block * k_sample / x.shape[1]))
@@ -60,7 +60,7 @@ def _selection(k_sample, k_token, width):
 def _compaction(k):
   def scatter_n(x, words):  # each of the n elements scatters to its slot or drops
     groups, n = x.shape
-    kept = compress.bitmask_to_mask(words, n)
+    kept = codecs.bitmask_to_mask(words, n)
     slot = jnp.cumsum(kept, axis=1, dtype=jnp.int32) - 1
     rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
     target = jnp.where(kept, rows * k + slot, groups * k).reshape(-1)
@@ -68,7 +68,7 @@ def _compaction(k):
         x.reshape(-1), mode="drop", unique_indices=True).reshape(groups, k)
 
   def select_gather_k(x, words):  # razor_jax: per-slot search, then a gather of K
-    pos, _, _ = compress._select(words, k, x.shape[1])
+    pos, _, _ = codecs.select(words, k, x.shape[1])
     return jnp.take_along_axis(x, pos, axis=1)
 
   return {"scatter n (prefix sum)": scatter_n, "select + gather K": select_gather_k}
@@ -109,13 +109,13 @@ def main():
     shape = tuple(int(s) for s in spec.split(","))
     groups, n = shape[0], math.prod(shape[1:])
     x = jax.random.normal(jax.random.PRNGKey(0), (groups, n), jnp.float32)
-    k_sample = compress.keep_count(n, args.prune_ratio)
-    k_token = compress.keep_count(shape[-1], args.prune_ratio)
+    k_sample = packed.keep_count(n, args.prune_ratio)
+    k_token = packed.keep_count(shape[-1], args.prune_ratio)
     print(f"shape={shape} ({x.nbytes / 2**20:.0f} MiB)")
     print(f"  {'selection':26s} {'median ms':>8s} {'min ms':>8s} {'temp MiB':>9s}")
     _report(_selection(k_sample, k_token, shape[-1]), (x,), args.repeats)
     print(f"  {'compaction':26s} {'median ms':>8s} {'min ms':>8s} {'temp MiB':>9s}")
-    words = jax.jit(compress.topk_words, static_argnums=1)(x, k_sample)
+    words = jax.jit(selection.topk_words, static_argnums=1)(x, k_sample)
     _report(_compaction(k_sample), (x, words), args.repeats)
 
 

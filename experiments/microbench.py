@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from razor_jax import compress, ops
+from razor_jax import ops, packed
 from razor_jax.ops import PackSpec
 
 
@@ -97,7 +97,7 @@ def _print_bits(shape, granularity):
   print(f"\nbits per element of a packed {shape} float32 activation ({granularity}):")
   print(f"{'format':28s} " + " ".join(f"{r:>6g}" for r in ratios))
   for name, kw in formats.items():
-    bits = [compress.bits_per_element(shape, r, granularity, **kw) for r in ratios]
+    bits = [packed.bits_per_element(shape, r, granularity, **kw) for r in ratios]
     print(f"{name:28s} " + " ".join(f"{b:6.2f}" for b in bits))
 
 

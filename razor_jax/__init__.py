@@ -1,5 +1,5 @@
 """razor_jax: Back Razor (self-sparsified backpropagation) for JAX/Flax."""
-from razor_jax.compress import Packed, bits_per_element, pack, unpack
+from razor_jax.packed import Packed, bits_per_element, pack, unpack
 from razor_jax.intercept import razorize
 from razor_jax.layers import (RazorConv, RazorDense, RazorDenseGeneral, RazorLayerNorm,
                               RazorMultiHeadDotProductAttention, UnsupportedConfigError)

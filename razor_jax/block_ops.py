@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from razor_jax import compress
+from razor_jax import barriers, packed
 from razor_jax import ops
 from razor_jax.ops import PackSpec
 
 
 def _plain(x, scale, bias, kernels, biases, eps, precision):
-  y = ops._ln_plain(x, scale, bias, eps)
-  return ops._multi_plain(y, kernels, biases, (x.ndim - 1,), precision)
+  y = ops.layer_norm_plain(x, scale, bias, eps)
+  return ops.dense_multi_plain(y, kernels, biases, (x.ndim - 1,), precision)
 
 
 def _x_hat(x, mean, rstd):
@@ -40,25 +40,25 @@ def _ln_project(x, scale, bias, kernels, biases, eps, spec, precision):
 
 
 def _ln_project_fwd(x, scale, bias, kernels, biases, eps, spec, precision):
-  mean, var = ops._ln_stats(x)
-  y = ops._ln_apply(x, mean, var, scale, bias, eps)
-  outs = ops._multi_plain(y, kernels, biases, (x.ndim - 1,), precision)
+  mean, var = ops.layer_norm_stats(x)
+  y = ops.layer_norm_apply(x, mean, var, scale, bias, eps)
+  outs = ops.dense_multi_plain(y, kernels, biases, (x.ndim - 1,), precision)
   rstd = lax.rsqrt(var + eps)
-  packed = spec.pack(_x_hat(x, mean, rstd))
-  res = (packed, rstd, scale, bias, kernels, biases, jnp.zeros((0,), y.dtype),
+  x_packed = spec.pack(_x_hat(x, mean, rstd))
+  res = (x_packed, rstd, scale, bias, kernels, biases, jnp.zeros((0,), y.dtype),
          jnp.zeros((0,), x.dtype))
-  return compress.depend(outs, packed), res
+  return barriers.depend(outs, x_packed), res
 
 
 def _ln_project_bwd(eps, spec, precision, res, gs):
-  packed, rstd, scale, bias, kernels, biases, y_type, x_type = res
-  x_hat = compress.unpack(packed, after=gs[0]).astype(jnp.float32)
+  x_packed, rstd, scale, bias, kernels, biases, y_type, x_type = res
+  x_hat = packed.unpack(x_packed, after=gs[0]).astype(jnp.float32)
   y = x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
   _, vjp = jax.vjp(
-      lambda a, ks, bs: ops._multi_plain(a, ks, bs, (a.ndim - 1,), precision),
+      lambda a, ks, bs: ops.dense_multi_plain(a, ks, bs, (a.ndim - 1,), precision),
       y.astype(y_type.dtype), kernels, biases)
   dy, dkernels, dbiases = vjp(tuple(gs))
-  dx, dscale, dbias = ops._ln_grads(x_hat, rstd, scale, dy, tuple(range(dy.ndim - 1)))
+  dx, dscale, dbias = ops.layer_norm_grads(x_hat, rstd, scale, dy, tuple(range(dy.ndim - 1)))
   return (dx.astype(x_type.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype),
           dkernels, dbiases)
 
@@ -67,7 +67,7 @@ _ln_project.defvjp(_ln_project_fwd, _ln_project_bwd)
 
 
 def _check(x, scale, bias, kernels, biases, spec):
-  ops._check_packable(spec, x=x)
+  ops.check_packable(spec, x=x)
   if scale is None or bias is None:
     raise ValueError("layer_norm_dense_multi needs a LayerNorm with both scale and bias")
   d = x.shape[-1]
@@ -100,7 +100,7 @@ def layer_norm_dense_multi(x, scale, bias, kernels: Sequence, biases: Sequence,
   """
   kernels, biases = tuple(kernels), tuple(biases)
   _check(x, scale, bias, kernels, biases, spec)
-  if ops._is_exact(spec):
+  if ops.is_exact(spec):
     return _plain(x, scale, bias, kernels, biases, epsilon, precision)
   return _ln_project(x, scale, bias, kernels, biases, epsilon, spec, precision)
 
@@ -110,10 +110,10 @@ def layer_norm_dense_multi_reference(x, scale, bias, kernels, biases,
                                      precision=None):
   kernels, biases = tuple(kernels), tuple(biases)
   exact = _plain(x, scale, bias, kernels, biases, epsilon, precision)
-  if ops._is_exact(spec):
+  if ops.is_exact(spec):
     return exact
   sg = lax.stop_gradient
-  mean, var = ops._ln_stats(sg(x))
+  mean, var = ops.layer_norm_stats(sg(x))
   rstd = lax.rsqrt(var + epsilon)
   x_hat = sg(spec.prune_reference(_x_hat(sg(x), mean, rstd)).astype(jnp.float32))
   x32 = x.astype(jnp.float32)
@@ -128,7 +128,7 @@ def layer_norm_dense_multi_reference(x, scale, bias, kernels, biases,
   outs = []
   for e, k, b in zip(exact, kernels, biases):
     k_sg = sg(k)
-    surrogate = (ops._dense_general_plain(y_grad, k_sg, b, axes, precision)
-                 + ops._dense_general_plain(y_pruned, k - k_sg, None, axes, precision))
-    outs.append(ops._with_value_of(e, surrogate))
+    surrogate = (ops.dense_general_plain(y_grad, k_sg, b, axes, precision)
+                 + ops.dense_general_plain(y_pruned, k - k_sg, None, axes, precision))
+    outs.append(ops.with_value_of(e, surrogate))
   return tuple(outs)

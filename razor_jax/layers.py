@@ -115,7 +115,7 @@ def _dense_general_axes(m, inputs):
     _unsupported(m, f"batch_dims={m.batch_dims!r} (only batch_dims=() is supported)")
   _require_float(m, _compute_dtype(m, inputs))
   # Sorted non-negative axes, as flax.linen.DenseGeneral and ops.dense_general use them.
-  return _as_tuple(m.features), ops._canonical_axes(m.axis, jnp.ndim(inputs))
+  return _as_tuple(m.features), ops.canonical_axes(m.axis, jnp.ndim(inputs))
 
 
 def _dense_general_params(m, inputs, features, axis):

@@ -1,10 +1,10 @@
 """Custom-VJP ops of Back Razor: dense forward, gradients from pruned residuals.
 
 Each op's forward is the plain computation (the same primitives in the same order
-as flax, so outputs are bit-identical). Its residual is a `compress.Packed` copy of
+as flax, so outputs are bit-identical). Its residual is a `razor_jax.packed.Packed` copy of
 each activation input, and the backward computes every gradient from that copy.
 Beside each op is a `*_reference` twin in plain jnp: it prunes with a sort
-(`compress.prune_reference`) and gets the same gradients by autodiff through a
+(`razor_jax.packed.prune_reference`) and gets the same gradients by autodiff through a
 straight-through substitution, so the tests check the ops against independent code.
 
 A `PackSpec` of None, or a prune_ratio of 0, short-circuits to the plain op.
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from razor_jax import compress
+from razor_jax import barriers, packed
 
 GELU_FORMATS = ("uint8", "bfloat16")
 
@@ -34,14 +34,14 @@ class PackSpec:
   position_format: str = "auto"
 
   def __post_init__(self):
-    compress.check_prune_ratio(self.prune_ratio)
-    compress.check_granularity(self.granularity)
-    if self.value_format not in compress.VALUE_FORMATS:
+    packed.check_prune_ratio(self.prune_ratio)
+    packed.check_granularity(self.granularity)
+    if self.value_format not in packed.VALUE_FORMATS:
       raise ValueError(
-          f"value_format must be one of {compress.VALUE_FORMATS}, got {self.value_format!r}")
-    if self.position_format not in compress.POSITION_FORMATS:
+          f"value_format must be one of {packed.VALUE_FORMATS}, got {self.value_format!r}")
+    if self.position_format not in packed.POSITION_FORMATS:
       raise ValueError(
-          f"position_format must be one of {compress.POSITION_FORMATS},"
+          f"position_format must be one of {packed.POSITION_FORMATS},"
           f" got {self.position_format!r}")
 
   @property
@@ -49,28 +49,29 @@ class PackSpec:
     return self.prune_ratio == 0.0
 
   def pack(self, x):
-    """The packed residual, built in full during the forward (see compress.materialize)."""
-    return compress.materialize(
-        lambda a: compress.pack(a, self.prune_ratio, self.granularity,
+    """The packed residual, built in full during the forward (see barriers.materialize)."""
+    return barriers.materialize(
+        lambda a: packed.pack(a, self.prune_ratio, self.granularity,
                                 value_format=self.value_format,
                                 position_format=self.position_format), x)
 
   def prune_reference(self, x):
-    return compress.prune_reference(x, self.prune_ratio, self.granularity, self.value_format)
+    return packed.prune_reference(x, self.prune_ratio, self.granularity, self.value_format)
 
 
-def _is_exact(spec: Optional[PackSpec]) -> bool:
+def is_exact(spec: Optional[PackSpec]) -> bool:
+  """Whether `spec` prunes nothing (None or prune_ratio 0): the op is then the plain one."""
   return spec is None or spec.exact
 
 
-def _check_packable(spec: Optional[PackSpec], **arrays):
+def check_packable(spec: Optional[PackSpec], **arrays):
   """Raises now, not at differentiation time, if an input cannot be packed by `spec`."""
   for name, x in arrays.items():
     _check_float(name, x)
-    if not _is_exact(spec):
+    if not is_exact(spec):
       try:
-        _, n = compress.group_shape(jnp.shape(x), spec.granularity)
-        compress.keep_count(n, spec.prune_ratio)
+        _, n = packed.group_shape(jnp.shape(x), spec.granularity)
+        packed.keep_count(n, spec.prune_ratio)
       except ValueError as e:
         raise ValueError(f"{name} of shape {jnp.shape(x)}: {e}") from None
 
@@ -85,19 +86,21 @@ def _straight_through(x, pruned):
   return lax.stop_gradient(pruned) + (x - lax.stop_gradient(x))
 
 
-def _with_value_of(exact, surrogate):
+def with_value_of(exact, surrogate):
   """Value of `exact`, gradient of `surrogate`."""
   return surrogate + lax.stop_gradient(exact - surrogate)
 
 
 # ----------------------------------------------------------------- dense_general
 
-def _canonical_axes(axis, ndim: int) -> tuple[int, ...]:
+def canonical_axes(axis, ndim: int) -> tuple[int, ...]:
+  """`axis` (an int or a sequence) as sorted non-negative axes of an `ndim`-array."""
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   return tuple(sorted(a % ndim for a in axes))
 
 
-def _dense_general_plain(x, kernel, bias, axes, precision):
+def dense_general_plain(x, kernel, bias, axes, precision):
+  """flax DenseGeneral's computation contracting the sorted `axes` of x (no pruning)."""
   n = len(axes)
   y = lax.dot_general(x, kernel, ((axes, tuple(range(n))), ((), ())), precision=precision)
   if bias is not None:
@@ -106,28 +109,29 @@ def _dense_general_plain(x, kernel, bias, axes, precision):
   return y
 
 
-def _multi_plain(x, kernels, biases, axes, precision):
-  return tuple(_dense_general_plain(x, k, b, axes, precision) for k, b in zip(kernels, biases))
+def dense_multi_plain(x, kernels, biases, axes, precision):
+  """`dense_general_plain` of x with each kernel, as a tuple."""
+  return tuple(dense_general_plain(x, k, b, axes, precision) for k, b in zip(kernels, biases))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _dense_multi(x, kernels, biases, axes, spec, precision):
-  return _multi_plain(x, kernels, biases, axes, precision)
+  return dense_multi_plain(x, kernels, biases, axes, precision)
 
 
 def _dense_multi_fwd(x, kernels, biases, axes, spec, precision):
-  out = _multi_plain(x, kernels, biases, axes, precision)
+  out = dense_multi_plain(x, kernels, biases, axes, precision)
   # One packed copy of x serves every projection that reads it (q, k and v).
-  packed = spec.pack(x)
-  return compress.depend(out, packed), (packed, kernels, biases)
+  x_packed = spec.pack(x)
+  return barriers.depend(out, x_packed), (x_packed, kernels, biases)
 
 
 def _dense_multi_bwd(axes, spec, precision, res, gs):
-  packed, kernels, biases = res
-  x_pruned = compress.unpack(packed, after=gs[0])
+  x_packed, kernels, biases = res
+  x_pruned = packed.unpack(x_packed, after=gs[0])
   # The op is bilinear in (x, kernel): its VJP at the pruned x gives dx from the
   # kernel alone and dkernel from the pruned copy, which is Back Razor's rule.
-  _, vjp = jax.vjp(lambda a, ks, bs: _multi_plain(a, ks, bs, axes, precision),
+  _, vjp = jax.vjp(lambda a, ks, bs: dense_multi_plain(a, ks, bs, axes, precision),
                    x_pruned, kernels, biases)
   return vjp(tuple(gs))
 
@@ -147,8 +151,8 @@ def dense_multi(x, kernels: Sequence, biases: Sequence, spec: Optional[PackSpec]
   Returns:
     A tuple of outputs, one per kernel.
   """
-  _check_packable(spec, x=x)
-  axes = _canonical_axes(axis, jnp.ndim(x))
+  check_packable(spec, x=x)
+  axes = canonical_axes(axis, jnp.ndim(x))
   kernels, biases = tuple(kernels), tuple(biases)
   if len(kernels) != len(biases):
     raise ValueError(f"got {len(kernels)} kernels but {len(biases)} biases")
@@ -157,8 +161,8 @@ def dense_multi(x, kernels: Sequence, biases: Sequence, spec: Optional[PackSpec]
     if tuple(k.shape[:len(axes)]) != want:
       raise ValueError(f"kernel of shape {k.shape} does not contract input axes {axes} of"
                        f" shape {x.shape}: expected leading kernel dims {want}")
-  if _is_exact(spec):
-    return _multi_plain(x, kernels, biases, axes, precision)
+  if is_exact(spec):
+    return dense_multi_plain(x, kernels, biases, axes, precision)
   return _dense_multi(x, kernels, biases, axes, spec, precision)
 
 
@@ -173,12 +177,12 @@ def dense(x, kernel, bias, spec: Optional[PackSpec], precision=None):
 
 
 def dense_general_reference(x, kernel, bias, spec: Optional[PackSpec], axis=-1, precision=None):
-  axes = _canonical_axes(axis, jnp.ndim(x))
-  exact = _dense_general_plain(x, kernel, bias, axes, precision)
-  if _is_exact(spec):
+  axes = canonical_axes(axis, jnp.ndim(x))
+  exact = dense_general_plain(x, kernel, bias, axes, precision)
+  if is_exact(spec):
     return exact
   x_st = _straight_through(x, spec.prune_reference(x))
-  return _with_value_of(exact, _dense_general_plain(x_st, kernel, bias, axes, precision))
+  return with_value_of(exact, dense_general_plain(x_st, kernel, bias, axes, precision))
 
 
 def dense_reference(x, kernel, bias, spec: Optional[PackSpec], precision=None):
@@ -199,12 +203,12 @@ def _qk(q, k, spec, precision):
 
 def _qk_fwd(q, k, spec, precision):
   res = (spec.pack(q), spec.pack(k))
-  return compress.depend(_qk_plain(q, k, precision), res), res
+  return barriers.depend(_qk_plain(q, k, precision), res), res
 
 
 def _qk_bwd(spec, precision, res, g):
-  q_pruned = compress.unpack(res[0], after=g)
-  k_pruned = compress.unpack(res[1], after=g)
+  q_pruned = packed.unpack(res[0], after=g)
+  k_pruned = packed.unpack(res[1], after=g)
   # Bilinear: dq uses the pruned k and dk the pruned q.
   _, vjp = jax.vjp(lambda a, b: _qk_plain(a, b, precision), q_pruned, k_pruned)
   return vjp(g)
@@ -215,19 +219,19 @@ _qk.defvjp(_qk_fwd, _qk_bwd)
 
 def attention_logits(q, k, spec: Optional[PackSpec], precision=None):
   """einsum('...qhd,...khd->...hqk'), both sides pruned for the backward."""
-  _check_packable(spec, q=q, k=k)
-  if _is_exact(spec):
+  check_packable(spec, q=q, k=k)
+  if is_exact(spec):
     return _qk_plain(q, k, precision)
   return _qk(q, k, spec, precision)
 
 
 def attention_logits_reference(q, k, spec: Optional[PackSpec], precision=None):
   exact = _qk_plain(q, k, precision)
-  if _is_exact(spec):
+  if is_exact(spec):
     return exact
   q_st = _straight_through(q, spec.prune_reference(q))
   k_st = _straight_through(k, spec.prune_reference(k))
-  return _with_value_of(exact, _qk_plain(q_st, k_st, precision))
+  return with_value_of(exact, _qk_plain(q_st, k_st, precision))
 
 
 def _softmax(logits, dtype, softmax_in_float32):
@@ -252,12 +256,12 @@ def _softmax_pv(logits, v, spec, precision, softmax_in_float32):
 def _softmax_pv_fwd(logits, v, spec, precision, softmax_in_float32):
   p = _softmax(logits, v.dtype, softmax_in_float32)
   res = (spec.pack(p), spec.pack(v), jnp.zeros((0,), logits.dtype))
-  return compress.depend(_pv_plain(p, v, precision), res[:2]), res
+  return barriers.depend(_pv_plain(p, v, precision), res[:2]), res
 
 
 def _softmax_pv_bwd(spec, precision, softmax_in_float32, res, g):
-  p_pruned = compress.unpack(res[0], after=g)
-  v_pruned = compress.unpack(res[1], after=g)
+  p_pruned = packed.unpack(res[0], after=g)
+  v_pruned = packed.unpack(res[1], after=g)
   _, vjp = jax.vjp(lambda a, b: _pv_plain(a, b, precision), p_pruned, v_pruned)
   dp, dv = vjp(g)
   # Softmax backward with the pruned probabilities in place of the exact ones.
@@ -273,8 +277,8 @@ _softmax_pv.defvjp(_softmax_pv_fwd, _softmax_pv_bwd)
 def softmax_attend(logits, v, spec: Optional[PackSpec], precision=None,
                    softmax_in_float32: bool = False):
   """softmax(logits) then einsum('...hqk,...khd->...qhd', p, v); p and v pruned."""
-  _check_packable(spec, logits=logits, v=v)
-  if _is_exact(spec):
+  check_packable(spec, logits=logits, v=v)
+  if is_exact(spec):
     return _pv_plain(_softmax(logits, v.dtype, softmax_in_float32), v, precision)
   return _softmax_pv(logits, v, spec, precision, softmax_in_float32)
 
@@ -283,21 +287,22 @@ def softmax_attend_reference(logits, v, spec: Optional[PackSpec], precision=None
                              softmax_in_float32: bool = False):
   p = _softmax(logits, v.dtype, softmax_in_float32)
   exact = _pv_plain(p, v, precision)
-  if _is_exact(spec):
+  if is_exact(spec):
     return exact
   p_pruned = lax.stop_gradient(spec.prune_reference(p)).astype(jnp.float32)
   # A map that is linear in the logits with Jacobian diag(p~) - p~ p~^T (symmetric), the
   # softmax Jacobian at the pruned probabilities.
   l32 = logits.astype(jnp.float32)
   lin = p_pruned * l32 - p_pruned * jnp.sum(p_pruned * l32, axis=-1, keepdims=True)
-  p_st = _with_value_of(p_pruned, lin).astype(p.dtype)
+  p_st = with_value_of(p_pruned, lin).astype(p.dtype)
   v_st = _straight_through(v, spec.prune_reference(v))
-  return _with_value_of(exact, _pv_plain(p_st, v_st, precision))
+  return with_value_of(exact, _pv_plain(p_st, v_st, precision))
 
 
 # ----------------------------------------------------------------- layer norm
 
-def _ln_stats(x):
+def layer_norm_stats(x):
+  """Per-row mean and variance over the last axis, as flax computes them."""
   # flax's fast variance in float32: E[x^2] - E[x]^2, clipped at zero.
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = x32.mean(-1)
@@ -306,7 +311,8 @@ def _ln_stats(x):
   return mean, var
 
 
-def _ln_apply(x, mean, var, scale, bias, eps):
+def layer_norm_apply(x, mean, var, scale, bias, eps):
+  """Normalizes x with the given statistics, then scales and shifts it (flax's order)."""
   # Operation order of flax.linen.normalization._normalize, for bit-identical output.
   y = x - mean[..., None]
   mul = lax.rsqrt(var[..., None] + eps)
@@ -321,25 +327,26 @@ def _ln_apply(x, mean, var, scale, bias, eps):
   return jnp.asarray(y, jnp.result_type(*args))
 
 
-def _ln_plain(x, scale, bias, eps):
-  mean, var = _ln_stats(x)
-  return _ln_apply(x, mean, var, scale, bias, eps)
+def layer_norm_plain(x, scale, bias, eps):
+  """flax LayerNorm's computation over the last axis (no pruning)."""
+  mean, var = layer_norm_stats(x)
+  return layer_norm_apply(x, mean, var, scale, bias, eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _layer_norm(x, scale, bias, eps, spec):
-  return _ln_plain(x, scale, bias, eps)
+  return layer_norm_plain(x, scale, bias, eps)
 
 
 def _layer_norm_fwd(x, scale, bias, eps, spec):
-  mean, var = _ln_stats(x)
-  y = _ln_apply(x, mean, var, scale, bias, eps)
+  mean, var = layer_norm_stats(x)
+  y = layer_norm_apply(x, mean, var, scale, bias, eps)
   rstd = lax.rsqrt(var + eps)
-  packed = spec.pack(x)
-  return compress.depend(y, packed), (packed, mean, rstd, scale, bias)
+  x_packed = spec.pack(x)
+  return barriers.depend(y, x_packed), (x_packed, mean, rstd, scale, bias)
 
 
-def _ln_grads(x_hat, rstd, scale, g, reduce_axes):
+def layer_norm_grads(x_hat, rstd, scale, g, reduce_axes):
   """Closed-form LayerNorm VJP from the normalized input and 1/std (float32)."""
   g32 = g.astype(jnp.float32)
   dscale = jnp.sum(g32 * x_hat, axis=reduce_axes)
@@ -351,11 +358,11 @@ def _ln_grads(x_hat, rstd, scale, g, reduce_axes):
 
 
 def _layer_norm_bwd(eps, spec, res, g):
-  packed, mean, rstd, scale, bias = res
-  x_pruned = compress.unpack(packed, after=g).astype(jnp.float32)
+  x_packed, mean, rstd, scale, bias = res
+  x_pruned = packed.unpack(x_packed, after=g).astype(jnp.float32)
   x_hat = (x_pruned - mean[..., None]) * rstd[..., None]
-  dx, dscale, dbias = _ln_grads(x_hat, rstd, scale, g, tuple(range(g.ndim - 1)))
-  return (dx.astype(packed.dtype),
+  dx, dscale, dbias = layer_norm_grads(x_hat, rstd, scale, g, tuple(range(g.ndim - 1)))
+  return (dx.astype(x_packed.dtype),
           None if scale is None else dscale.astype(scale.dtype),
           None if bias is None else dbias.astype(bias.dtype))
 
@@ -368,17 +375,17 @@ def layer_norm(x, scale, bias, spec: Optional[PackSpec], epsilon: float = 1e-6):
 
   The backward uses the exact per-row mean and 1/std with the pruned input.
   """
-  _check_packable(spec, x=x)
-  if _is_exact(spec):
-    return _ln_plain(x, scale, bias, epsilon)
+  check_packable(spec, x=x)
+  if is_exact(spec):
+    return layer_norm_plain(x, scale, bias, epsilon)
   return _layer_norm(x, scale, bias, epsilon, spec)
 
 
 def layer_norm_reference(x, scale, bias, spec: Optional[PackSpec], epsilon: float = 1e-6):
-  exact = _ln_plain(x, scale, bias, epsilon)
-  if _is_exact(spec):
+  exact = layer_norm_plain(x, scale, bias, epsilon)
+  if is_exact(spec):
     return exact
-  mean, var = _ln_stats(lax.stop_gradient(x))
+  mean, var = layer_norm_stats(lax.stop_gradient(x))
   rstd = lax.rsqrt(var + epsilon)[..., None]
   x_hat = lax.stop_gradient(
       (spec.prune_reference(x).astype(jnp.float32) - mean[..., None]) * rstd)
@@ -394,7 +401,7 @@ def layer_norm_reference(x, scale, bias, spec: Optional[PackSpec], epsilon: floa
     y = lin * scale_sg + x_hat * (scale - scale_sg)
   if bias is not None:
     y = y + bias
-  return _with_value_of(exact, y.astype(exact.dtype))
+  return with_value_of(exact, y.astype(exact.dtype))
 
 
 # ----------------------------------------------------------------- gelu
@@ -427,15 +434,15 @@ def _gelu(x, approximate, storage):
 def _gelu_fwd(x, approximate, storage):
   y = jax.nn.gelu(x, approximate=approximate)
   if storage == "uint8":
-    res = compress.materialize(
+    res = barriers.materialize(
         lambda a: _quantize_dgelu(_gelu_grad(a.astype(jnp.float32), approximate)), x)
   else:
-    res = compress.materialize(lambda a: a.astype(jnp.bfloat16), x)
-  return compress.depend(y, res), res
+    res = barriers.materialize(lambda a: a.astype(jnp.bfloat16), x)
+  return barriers.depend(y, res), res
 
 
 def _gelu_bwd(approximate, storage, res, g):
-  stored = compress.depend(res, g)
+  stored = barriers.depend(res, g)
   if storage == "uint8":
     d = _dequantize_dgelu(stored)
   else:
@@ -471,7 +478,7 @@ def gelu_reference(x, approximate: bool = True, storage: Optional[str] = "uint8"
   else:
     d = _gelu_grad(x32.astype(jnp.bfloat16).astype(jnp.float32), approximate)
   lin = lax.stop_gradient(d) * x32
-  return _with_value_of(exact, lin.astype(x.dtype))
+  return with_value_of(exact, lin.astype(x.dtype))
 
 
 # ----------------------------------------------------------------- relu
@@ -483,13 +490,13 @@ def _relu(x):
 
 def _relu_fwd(x):
   # The 1-bit mask is all the backward needs: 32x less than the float input.
-  bits = compress.materialize(lambda a: jnp.packbits(a.reshape(-1) > 0), x)
-  return compress.depend(jax.nn.relu(x), bits), bits
+  bits = barriers.materialize(lambda a: jnp.packbits(a.reshape(-1) > 0), x)
+  return barriers.depend(jax.nn.relu(x), bits), bits
 
 
 def _relu_bwd(bits, g):
   # g has the shape and dtype of x.
-  bits = compress.depend(bits, g)
+  bits = barriers.depend(bits, g)
   mask = jnp.unpackbits(bits, count=g.size).reshape(g.shape).astype(bool)
   return (jnp.where(mask, g, 0).astype(g.dtype),)
 
@@ -522,13 +529,13 @@ def _conv(x, kernel, bias, conv_kwargs, spec):
 
 
 def _conv_fwd(x, kernel, bias, conv_kwargs, spec):
-  packed = spec.pack(x)
-  return compress.depend(_conv_plain(x, kernel, bias, conv_kwargs), packed), (packed, kernel, bias)
+  x_packed = spec.pack(x)
+  return barriers.depend(_conv_plain(x, kernel, bias, conv_kwargs), x_packed), (x_packed, kernel, bias)
 
 
 def _conv_bwd(conv_kwargs, spec, res, g):
-  packed, kernel, bias = res
-  x_pruned = compress.unpack(packed, after=g)
+  x_packed, kernel, bias = res
+  x_pruned = packed.unpack(x_packed, after=g)
   _, vjp = jax.vjp(lambda a, w, b: _conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
   return vjp(g)
 
@@ -551,9 +558,9 @@ def conv(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
   `conv_kwargs` are those of `lax.conv_general_dilated` (window_strides, padding,
   lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision...).
   """
-  _check_packable(spec, x=x)
+  check_packable(spec, x=x)
   frozen = _freeze_conv_kwargs(conv_kwargs)
-  if _is_exact(spec):
+  if is_exact(spec):
     return _conv_plain(x, kernel, bias, frozen)
   return _conv(x, kernel, bias, frozen, spec)
 
@@ -561,7 +568,7 @@ def conv(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
 def conv_reference(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
   frozen = _freeze_conv_kwargs(conv_kwargs)
   exact = _conv_plain(x, kernel, bias, frozen)
-  if _is_exact(spec):
+  if is_exact(spec):
     return exact
   x_st = _straight_through(x, spec.prune_reference(x))
-  return _with_value_of(exact, _conv_plain(x_st, kernel, bias, frozen))
+  return with_value_of(exact, _conv_plain(x_st, kernel, bias, frozen))

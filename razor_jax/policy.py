@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional
 
-from razor_jax import compress
+from razor_jax import packed
 from razor_jax.ops import GELU_FORMATS, PackSpec
 
 # Kinds of op a policy can set apart. "attention" covers QK^T and softmax(.)V; the
@@ -33,15 +33,15 @@ class Policy:
   ratios: tuple = ()
 
   def __post_init__(self):
-    compress.check_prune_ratio(self.prune_ratio)
-    compress.check_granularity(self.granularity)
+    packed.check_prune_ratio(self.prune_ratio)
+    packed.check_granularity(self.granularity)
     if self.gelu_storage is not None and self.gelu_storage not in GELU_FORMATS:
       raise ValueError(
           f"gelu_storage must be one of {GELU_FORMATS} or None, got {self.gelu_storage!r}")
     for op_type, ratio in self.ratios:
       if op_type not in OP_TYPES:
         raise ValueError(f"unknown op type {op_type!r} in a policy; expected one of {OP_TYPES}")
-      compress.check_prune_ratio(ratio, f"prune ratio for {op_type!r}")
+      packed.check_prune_ratio(ratio, f"prune ratio for {op_type!r}")
     # Validates value_format and position_format once, here.
     PackSpec(self.prune_ratio, self.granularity, self.value_format, self.position_format)
 
@@ -76,5 +76,5 @@ def as_policy(prune_ratio_or_policy) -> Policy:
   """A Policy from a Policy or a bare prune ratio (0 means exact everywhere, gelu included)."""
   if isinstance(prune_ratio_or_policy, Policy):
     return prune_ratio_or_policy
-  ratio = compress.check_prune_ratio(prune_ratio_or_policy)
+  ratio = packed.check_prune_ratio(prune_ratio_or_policy)
   return Policy(prune_ratio=ratio, gelu_storage=None if ratio == 0.0 else "uint8")

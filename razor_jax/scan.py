@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from razor_jax import compress
+from razor_jax import barriers
 
 
 def _zero_cotangent(x):
@@ -74,7 +74,7 @@ def _scan(layer, stacked_params, x, xs):
     length = jax.tree.leaves(xs)[0].shape[0]
     # Zeros computed from the cotangent (XLA cannot fold the predicate), so they
     # cannot be placed before the backward.
-    zero = jnp.where(compress._never(jax.tree.leaves(g)[0]), 1, 0)
+    zero = jnp.where(barriers.never_true(jax.tree.leaves(g)[0]), 1, 0)
     grads = jax.tree.map(lambda s: jnp.broadcast_to(zero.astype(s.dtype), s.shape), shapes)
 
     def body(carry, inputs):

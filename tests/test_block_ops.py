@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from razor_jax import block_ops, compress
+from razor_jax import block_ops, packed
 from razor_jax.ops import PackSpec
 
 
@@ -67,7 +67,7 @@ def test_one_packed_copy_is_saved():
   _, vjp = jax.vjp(f, x)
   nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
   saved = nbytes(vjp) - nbytes((scale, bias, kernels, biases))
-  one_copy = compress.pack(x, 0.9).nbytes() + 4 * 4 * 197  # the pack and 1/std per row
+  one_copy = packed.pack(x, 0.9).nbytes() + 4 * 4 * 197  # the pack and 1/std per row
   assert saved <= one_copy + 64, (saved, one_copy)
 
 

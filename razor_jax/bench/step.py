@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from razor_jax import compress, sharding, train_setup, train_step
+from razor_jax import packed, sharding, train_setup, train_step
 from razor_jax.bench.cases import Case
 from razor_jax.memory import CompiledMemory
 
@@ -114,7 +114,7 @@ def loss_fn(model):
 def packed_bits(case: Case) -> Optional[float]:
   """Stored bits per element over every packed residual of the step (element-weighted).
 
-  Traces the gradient (nothing runs) while recording each `compress.pack` result, so
+  Traces the gradient (nothing runs) while recording each `packed.pack` result, so
   the figure covers exactly the residuals the model packs. None for exact methods.
   """
   if case.method.exact:
@@ -124,14 +124,14 @@ def packed_bits(case: Case) -> Optional[float]:
   batch = {"image": image, "label": jax.ShapeDtypeStruct((case.batch,), jnp.int32)}
   params = jax.eval_shape(lambda: init_params(model, case))
   seen = []
-  original = compress.pack
+  original = packed.pack
 
   def recording(*args, **kwargs):
-    packed = original(*args, **kwargs)
-    seen.append(packed)
-    return packed
+    result = original(*args, **kwargs)
+    seen.append(result)
+    return result
 
-  with mock.patch.object(compress, "pack", recording):
+  with mock.patch.object(packed, "pack", recording):
     jax.eval_shape(jax.grad(loss_fn(model)), params, batch)
   if not seen:
     return None

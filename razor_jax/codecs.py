@@ -1,0 +1,334 @@
+"""How a packed residual is stored: the bitmask layout, the value codes and Elias-Fano positions.
+
+Positions are a bitmask of the kept elements (1 bit per element, in the interleaved
+layout of `bitmask`), or its Elias-Fano code (about half its size at 10% kept, slower
+to build and read). Rank and select on the bitmask's words (`word_starts`,
+`select_bits`) turn it into the flat positions of the kept elements.
+
+Values are bfloat16 numbers in 15 bits (`encode_bf16`: sign, exponent relative to
+the group's largest, 7 mantissa bits in bit planes), or int8 steps of a per-group
+scale (`encode_int8`).
+
+Why the code looks the way it does (XLA:CPU, measured with experiments/): the
+bitmask is packed from 8 contiguous slices into bytes (vectorized) rather than from
+the 32 minor bits of each word; compaction gathers the K values through a per-slot
+search instead of scattering all n; small intermediates are materialized
+(`barriers.materialize`) where XLA would otherwise recompute them for every element
+of a large consumer.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from razor_jax import barriers
+
+# bfloat16 code: 7 bits of exponent relative to the group's base; 0 means zero and
+# 127 means inf or NaN, so 126 binades of finite values are exact.
+_REL_ZERO, _REL_SPECIAL = 0, 127
+_MANTISSA_BITS = 7
+
+
+# ----------------------------------------------------------------- bitmask layout
+
+def bitmask_lanes(group_size: int) -> int:
+  """Bytes interleaved in one bitmask block (see `bitmask`)."""
+  # 32 lanes let the packing vectorize; they pad groups to 256 elements, so only
+  # groups that are already a multiple of 256 use them.
+  return 32 if group_size % 256 == 0 else 4
+
+
+def bitmask_words(group_size: int) -> int:
+  lanes = bitmask_lanes(group_size)
+  return -(-group_size // (8 * lanes)) * lanes // 4
+
+
+def bitmask(mask_fn, *args) -> jax.Array:
+  """The bool (groups, n) `mask_fn(*args)` as a uint32 (groups, num_words) bitmask.
+
+  With L = `bitmask_lanes(n)`, element e is bit (e // L) % 8 of byte (e // 8L) L + e % L:
+  blocks of 8L elements spread over L bytes, packed by OR-ing 8 contiguous slices,
+  which vectorizes over L uint8 lanes (building 32-bit words directly took 2.5x
+  longer). Word w is bytes 4w..4w+3, little-endian. The mask is computed inside a
+  conditional so that neither it nor the bytes are materialized at full size or
+  recomputed per word.
+  """
+  def to_bytes(*args):
+    mask = mask_fn(*args)
+    groups, n = mask.shape
+    lanes = bitmask_lanes(n)
+    m = jnp.pad(mask, ((0, 0), (0, bitmask_words(n) * 32 - n)))
+    m = m.reshape(groups, -1, 8, lanes).astype(jnp.uint8)
+    packed = m[:, :, 0]
+    for j in range(1, 8):
+      packed = packed | (m[:, :, j] << j)
+    return packed
+
+  # Reshaped outside: as the root of the packing fusion, the reshape made it 3x slower.
+  packed = barriers.materialize(to_bytes, *args)
+  return lax.bitcast_convert_type(packed.reshape(packed.shape[0], -1, 4), jnp.uint32)
+
+
+def _element_index(word: jax.Array, bit: jax.Array, lanes: int) -> jax.Array:
+  """Flat position in its group of bit `bit` of word `word` (the inverse of `bitmask`)."""
+  byte = word * 4 + bit // 8
+  return (byte // lanes) * (8 * lanes) + (bit % 8) * lanes + byte % lanes
+
+
+def _bitmask_bytes(words: jax.Array, group_size: int) -> jax.Array:
+  """The bitmask's bytes as (groups, blocks, lanes) uint8."""
+  return lax.bitcast_convert_type(words, jnp.uint8).reshape(
+      words.shape[0], -1, bitmask_lanes(group_size))
+
+
+def bitmask_to_mask(words: jax.Array, group_size: int) -> jax.Array:
+  """(groups, num_words) uint32 bitmask -> (groups, group_size) bool."""
+  b = _bitmask_bytes(words, group_size)[:, :, None, :]
+  bits = (b >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
+  return bits.astype(bool).reshape(words.shape[0], -1)[:, :group_size]
+
+
+def _prefix_sum(a: jax.Array, bound: int) -> jax.Array:
+  """Inclusive prefix sum of the int32 (groups, L) `a` along axis 1.
+
+  `bound` is a static upper bound of any 32 consecutive entries' sum. Within blocks
+  of 32 the sum is a float32 matmul with a triangular matrix, exact for integers
+  below 2**24; jnp.cumsum over all of L lowers to several full-size reduce-windows.
+  The blocks are materialized before they are flattened: as the root of a fusion,
+  that reshape made XLA:CPU's loop 4x slower.
+  """
+  groups, length = a.shape
+  if bound >= 2**24 or length < 64:
+    return jnp.cumsum(a, axis=1, dtype=jnp.int32)
+
+  def blocks(a):
+    pad = (-length) % 32
+    b = jnp.pad(a, ((0, 0), (0, pad))).reshape(-1, 32).astype(jnp.float32)
+    tri = jnp.triu(jnp.ones((32, 32), jnp.float32))
+    inner = jnp.dot(b, tri, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    inner = inner.reshape(groups, -1, 32)
+    totals = inner[:, :, -1]
+    return inner + (jnp.cumsum(totals, axis=1, dtype=jnp.int32) - totals)[:, :, None]
+
+  return barriers.materialize(blocks, a).reshape(groups, -1)[:, :length]
+
+
+def _select_in_word(w: jax.Array, r: jax.Array) -> jax.Array:
+  """Index of the (r+1)-th set bit of each uint32 `w` (r < popcount(w)), by halving."""
+  pos = jnp.zeros(r.shape, jnp.int32)
+  for half in (16, 8, 4, 2, 1):
+    low = w & jnp.uint32((1 << half) - 1)
+    c = lax.population_count(low).astype(jnp.int32)
+    up = r >= c
+    r = jnp.where(up, r - c, r)
+    w = jnp.where(up, w >> half, low)
+    pos = pos + jnp.where(up, half, 0)
+  return pos
+
+
+def word_starts(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(set bits before each word, set bits in the row), int32."""
+  per_word = lax.population_count(words).astype(jnp.int32)
+  incl = _prefix_sum(per_word, 32 * 32)
+  return incl - per_word, incl[:, -1]
+
+
+def select_bits(words: jax.Array, count: int):
+  """The first `count` set bits of each row of uint32 words, as 32 * word + bit, in order.
+
+  Returns (index (groups, count) int32, valid (groups, count) bool, set bits per row).
+  Slot j belongs to the last word that starts at or before it: a scatter-add of one
+  per word at its start, then a prefix sum over the slots, finds it without an
+  n-element scatter; its bit is the (j - start)-th set bit of that word. The small
+  intermediates are materialized: XLA would fuse them into their broadcast or
+  gathering consumers and recompute them per element.
+  """
+  groups, num_words = words.shape
+  start, total = barriers.materialize(word_starts, words)
+  rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
+
+  def owners(start):
+    starts_here = jnp.zeros((groups, count), jnp.int32).at[rows, start].add(1, mode="drop")
+    return _prefix_sum(starts_here, num_words) - 1
+
+  owner = barriers.materialize(owners, start)
+
+  def indices(owner, start, words, total):
+    slot = jnp.arange(count, dtype=jnp.int32)[None, :]
+    rank = slot - jnp.take_along_axis(start, owner, axis=1)
+    bit = _select_in_word(jnp.take_along_axis(words, owner, axis=1), rank)
+    valid = slot < total[:, None]
+    return jnp.where(valid, owner * 32 + bit, 0), valid
+
+  index, valid = barriers.materialize(indices, owner, start, words, total)
+  return index, valid, total
+
+
+def element_positions(index: jax.Array, group_size: int) -> jax.Array:
+  """Flat element positions of bitmask indices (32 * word + bit)."""
+  return _element_index(index >> 5, index & 31, bitmask_lanes(group_size))
+
+
+def select(words: jax.Array, count: int, group_size: int):
+  """Flat positions of the first `count` kept elements of a bitmask, in bitmask order.
+
+  Returns (positions (groups, count) int32, valid, kept per row); see `select_bits`.
+  """
+  index, valid, total = select_bits(words, count)
+  return element_positions(index, group_size), valid, total
+
+
+# ----------------------------------------------------------------- value codes
+
+def _row_max_u8(a: jax.Array) -> jax.Array:
+  """Per row of the uint8 (groups, L) `a`, its maximum (int32), in nested short reductions.
+
+  One long reduction is rewritten by XLA:CPU into reduce-windows over a materialized
+  input (as `selection` counts, too); the dtype changes between levels keep XLA from
+  merging them.
+  """
+  groups, length = a.shape
+  a = jnp.pad(a, ((0, 0), (0, (-length) % 256))).reshape(groups, -1, 16, 16)
+  per256 = jnp.max(jnp.max(a, axis=3).astype(jnp.uint16), axis=2)
+  return jnp.max(per256.astype(jnp.int32), axis=1)
+
+
+def _pack_planes(v: jax.Array, nbits: int) -> jax.Array:
+  """(groups, K) small unsigned ints -> (groups, nbits * ceil(K / 8)) uint8 bit planes.
+
+  Plane p is bytes [p B, (p + 1) B) with B = ceil(K / 8); value j of a row is bit
+  j // B of byte j % B of each plane. The eight values of a byte are B apart, so
+  packing ORs eight contiguous slices (vectorized; XLA:CPU emits a slow loop for a
+  reduction whose result is reshaped). The planes are flattened outside the fusion
+  that packs them: as its root, the reshape cost 2x.
+  """
+  groups, k = v.shape
+  per = -(-k // 8)
+  dtype = jnp.uint8 if nbits <= 8 else jnp.uint32
+
+  def planes(v):
+    v = jnp.pad(v.astype(dtype), ((0, 0), (0, per * 8 - k))).reshape(groups, 1, 8, per)
+    bits = ((v >> jnp.arange(nbits, dtype=dtype)[:, None, None]) & 1).astype(jnp.uint8)
+    packed = bits[:, :, 0]
+    for j in range(1, 8):
+      packed = packed | (bits[:, :, j] << j)
+    return packed
+
+  return barriers.materialize(planes, v).reshape(groups, -1)
+
+
+def _unpack_planes(planes: jax.Array, nbits: int, k: int) -> jax.Array:
+  """Inverse of `_pack_planes`: (groups, K) int32."""
+  groups = planes.shape[0]
+
+  def values(planes):
+    bits = (planes.reshape(groups, nbits, 1, -1) >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1
+    v = bits[:, 0].astype(jnp.int32)
+    for p in range(1, nbits):
+      v = v | (bits[:, p].astype(jnp.int32) << p)
+    return v
+
+  return barriers.materialize(values, planes).reshape(groups, -1)[:, :k]
+
+
+def encode_bf16(kept: jax.Array) -> jax.Array:
+  """bfloat16(kept) in 15 bits per value, as one uint8 payload per group.
+
+  Payload: [base, K bytes of sign << 7 | relative exponent, 7 bit planes of the
+  mantissas (see `_pack_planes`)]. Exponents are stored relative to base = (the
+  row's largest finite exponent) - 125: code 1..126 is exponent base..base+125,
+  0 is zero and 127 is inf/NaN (exponent 255). Kept magnitudes are all >= the
+  threshold, so in practice they span a few binades; only a row whose kept values
+  span more than 2**125 loses its smallest ones, which flush to (signed) zero
+  (zeros and subnormals kept beside values >= 0.5 among them).
+  """
+  b = lax.bitcast_convert_type(kept.astype(jnp.bfloat16), jnp.uint16).astype(jnp.int32)
+  sign, exp, mant = b >> 15, (b >> 7) & 255, b & 127
+  special = exp == 255
+  top = _row_max_u8(jnp.where(special, 0, exp).astype(jnp.uint8))[:, None]
+  base = jnp.maximum(top - 125, 0)
+  rel = jnp.where(special, _REL_SPECIAL, jnp.where(exp >= base, exp - base + 1, _REL_ZERO))
+  # The mantissa of a flushed value is left as it was (decoding ignores it), so the
+  # planes do not depend on the row's maximum.
+  code = ((sign << 7) | rel).astype(jnp.uint8)
+  planes = _pack_planes(mant, _MANTISSA_BITS)
+  return jnp.concatenate([base.astype(jnp.uint8), code, planes], axis=1)
+
+
+def decode_bf16(payload: jax.Array, k: int) -> jax.Array:
+  """(groups, K) bfloat16 from the payload of `encode_bf16`."""
+  groups = payload.shape[0]
+  base = payload[:, :1].astype(jnp.int32)
+  code = payload[:, 1:1 + k].astype(jnp.int32)
+  mant = _unpack_planes(payload[:, 1 + k:], _MANTISSA_BITS, k)
+  sign, rel = code >> 7, code & 127
+  exp = jnp.where(rel == _REL_SPECIAL, 255, base + rel - 1)
+  bits = jnp.where(rel == _REL_ZERO, sign << 15, (sign << 15) | (exp << 7) | mant)
+  return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+
+
+def encode_int8(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(groups, K) int8 steps of a per-group float32 scale (groups,): the largest magnitude / 127."""
+  amax = jnp.max(jnp.abs(kept), axis=1).astype(jnp.float32)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.round(kept.astype(jnp.float32) / scale[:, None]), -127, 127)
+  return q.astype(jnp.int8), scale
+
+
+def decode_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """The values of `encode_int8`'s steps, as `dtype`."""
+  return (q.astype(jnp.float32) * scale[:, None]).astype(dtype)
+
+
+# ----------------------------------------------------------------- Elias-Fano positions
+
+def ef_layout(group_size: int, k: int) -> tuple[int, int, int]:
+  """(low bits L, upper words, low-bit words) of the Elias-Fano code of K bitmask indices.
+
+  Bitmask indices (32 * word + bit, below N = 32 * num_words) are sorted; each keeps
+  its L = floor(log2(N / K)) low bits in bit planes, and its high part h as bit
+  h + i of an upper bit vector of K + (N >> L) bits (unary gaps). About K (L + 2) +
+  N / 2**L bits in all: at 10% kept, 0.53 bits per element instead of the bitmask's 1.
+  """
+  universe = 32 * bitmask_words(group_size)
+  low = max(0, int(math.floor(math.log2(universe / k))))
+  upper_words = -(-(k + (universe >> low)) // 32)
+  low_words = -(-low * -(-k // 8) // 4)
+  return low, upper_words, low_words
+
+
+def _set_bits(index: jax.Array, num_words: int) -> jax.Array:
+  """(groups, num_words) uint32 words with bits `index` (distinct per row) set."""
+  rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None]
+  # Distinct bits, so adding them is OR-ing.
+  return jnp.zeros((index.shape[0], num_words), jnp.uint32).at[rows, index >> 5].add(
+      jnp.uint32(1) << (index & 31).astype(jnp.uint32), mode="drop")
+
+
+def ef_encode(index: jax.Array, group_size: int) -> jax.Array:
+  """(groups, upper + low words) uint32 Elias-Fano code of sorted bitmask indices (groups, K)."""
+  groups, k = index.shape
+  low, upper_words, low_words = ef_layout(group_size, k)
+  # Bit h_i + i of the upper vector (strictly increasing in i).
+  upper = _set_bits((index >> low) + jnp.arange(k, dtype=jnp.int32)[None, :], upper_words)
+  if not low:
+    return upper
+  planes = _pack_planes(index & ((1 << low) - 1), low)
+  planes = jnp.pad(planes, ((0, 0), (0, 4 * low_words - planes.shape[1])))
+  planes = lax.bitcast_convert_type(planes.reshape(groups, low_words, 4), jnp.uint32)
+  return jnp.concatenate([upper, planes], axis=1)
+
+
+def ef_decode(code: jax.Array, group_size: int, k: int) -> jax.Array:
+  """The bitmask words (groups, num_words) that `ef_encode` was given the indices of."""
+  groups = code.shape[0]
+  low, upper_words, low_words = ef_layout(group_size, k)
+  at, _, _ = select_bits(code[:, :upper_words], k)
+  index = (at - jnp.arange(k, dtype=jnp.int32)[None, :]) << low
+  if low:
+    planes = lax.bitcast_convert_type(code[:, upper_words:], jnp.uint8).reshape(groups, -1)
+    index = index | _unpack_planes(planes[:, :low * -(-k // 8)], low, k)
+  return _set_bits(index, bitmask_words(group_size))

@@ -1,0 +1,37 @@
+"""Scheduling barriers: values unchanged, and the predicate and boundary survive XLA."""
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from razor_jax import barriers
+
+
+@pytest.mark.parametrize("anchor", [jnp.array([True, False]), jnp.array([np.nan, 1.0]),
+                                    jnp.array([-1], jnp.int32), jnp.ones((2, 3), jnp.bfloat16),
+                                    jnp.array([np.inf], jnp.float16)])
+def test_never_true_is_false_and_xla_keeps_it(anchor):
+  fn = jax.jit(barriers.never_true)
+  assert fn(anchor).shape == () and not bool(fn(anchor))
+  # Not folded to a constant: the compiled program still counts bits of the anchor.
+  assert "popcnt" in fn.lower(anchor).compile().as_text()
+
+
+def test_depend_returns_its_value_bit_for_bit_and_reads_the_anchors():
+  x = {"a": jnp.array([np.nan, -0.0, np.inf, 1e-45]), "b": jnp.arange(3)}
+  anchor = jnp.ones((4, 5))
+  chex.assert_trees_all_equal(jax.jit(barriers.depend)(x, anchor), x)
+  assert barriers.depend(x) is x  # no anchors: nothing to wait for
+  jaxpr = jax.make_jaxpr(barriers.depend)(x, anchor).jaxpr
+  used = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)}
+  assert jaxpr.invars[-1] in used  # the anchor feeds the output
+
+
+def test_materialize_computes_inside_a_conditional():
+  x = jnp.linspace(-2, 2, 12).reshape(3, 4)
+  fn = lambda a: (jnp.exp(a), a.astype(jnp.int8))
+  chex.assert_trees_all_equal(jax.jit(lambda a: barriers.materialize(fn, a))(x), fn(x))
+  jaxpr = jax.make_jaxpr(lambda a: barriers.materialize(fn, a))(x)
+  assert [eqn.primitive.name for eqn in jaxpr.eqns][-1] == "cond"

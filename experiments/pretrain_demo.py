@@ -27,7 +27,7 @@ IMAGE_SIZE = 32
 
 
 def train(steps: int, batch_size: int, lr: float, seed: int, data_dir=None):
-  model = vit.ViT(data.num_classes(DATASET), **SIZES)
+  model = vit.ViT(data.num_classes(DATASET), prune_ratio=0.0, **SIZES)  # plain training
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))
   params = params["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps)

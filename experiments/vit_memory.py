@@ -17,7 +17,8 @@ import optax
 from razor_jax import memory
 from razor_jax.models import vit
 
-METHODS = {"full": dict(), "remat": dict(remat=True), "razor": dict(prune_ratio=0.9)}
+METHODS = {"full": dict(prune_ratio=0.0), "remat": dict(prune_ratio=0.0, remat=True),
+           "razor": dict(prune_ratio=0.9)}
 
 
 def step_peak(model, batch: int, image_size: int) -> memory.CompiledMemory:

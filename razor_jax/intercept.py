@@ -1,6 +1,6 @@
 """razorize(): Back Razor for an unmodified flax.linen model, through method interception.
 
-    with razorize(0.9):
+    with razorize(prune_ratio=0.9):   # or razorize(policy=Policy.make(0.9, attention=0.0))
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
 
 Inside the block every call of nn.Dense, nn.DenseGeneral, nn.LayerNorm (last axis),
@@ -30,21 +30,22 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 import flax.linen as nn
 
 from razor_jax import layers
-from razor_jax.policy import Policy, as_policy
+from razor_jax.policy import Policy, resolve
 
 # The flax __call__ functions that are replaced, by their unwrapped function (what an
 # interceptor sees), with the flax class the module must have, and the razor version.
 _RAZOR_CALLS = {
-    nn.Dense.__call__.__wrapped__: (nn.Dense, layers._dense),
-    nn.DenseGeneral.__call__.__wrapped__: (nn.DenseGeneral, layers._dense_general),
-    nn.LayerNorm.__call__.__wrapped__: (nn.LayerNorm, layers._layer_norm),
-    nn.Conv.__call__.__wrapped__: (nn.Conv, layers._conv),
+    nn.Dense.__call__.__wrapped__: (nn.Dense, layers.razor_dense),
+    nn.DenseGeneral.__call__.__wrapped__: (nn.DenseGeneral, layers.razor_dense_general),
+    nn.LayerNorm.__call__.__wrapped__: (nn.LayerNorm, layers.razor_layer_norm),
+    nn.Conv.__call__.__wrapped__: (nn.Conv, layers.razor_conv),
     nn.MultiHeadDotProductAttention.__call__.__wrapped__:
-        (nn.MultiHeadDotProductAttention, layers._mha),
+        (nn.MultiHeadDotProductAttention, layers.razor_mha),
 }
 
 # flax subclasses whose own __call__ only forwards to the parent's.
@@ -90,7 +91,7 @@ class _Interceptor:
     razor_fn = None
     if context.method_name == "__call__" and not module.is_initializing():
       razor_fn = _razor_call(module, getattr(context.orig_method, "func", None))
-    if razor_fn is None or layers._runs_exact(self.policy, module):
+    if razor_fn is None or layers.runs_exact(self.policy, module):
       return next_fun(*args, **kwargs)
     try:
       return razor_fn(module, self.policy, *args, **kwargs)
@@ -114,16 +115,23 @@ def _razorized(policy: Policy):
     assert popped is interceptor, "razorize blocks exited out of order"
 
 
-def razorize(prune_ratio_or_policy=0.9):
+def razorize(prune_ratio: Optional[float] = None, *, policy: Optional[Policy] = None):
   """A context manager under which flax layers compute Back Razor gradients.
 
+  Takes the layers' knob: `razorize(0.9)`, `razorize(prune_ratio=0.9)` or
+  `razorize(policy=Policy.make(0.9, attention=0.0))` (a Policy passed positionally
+  also works).
+
   Args:
-    prune_ratio_or_policy: a prune ratio in [0, 1) or a `Policy`. A ratio of 0 keeps
-      every gradient exact.
+    prune_ratio: fraction of each activation pruned, in [0, 1); 0.9 when neither
+      argument is given. 0 keeps every gradient exact (plain fine-tuning).
+    policy: a `Policy` (per-op-type ratios, storage formats) instead of a ratio.
   Returns:
     A context manager; `with razorize(...) as policy:` gives the Policy in force.
     Blocks nest (the innermost wins) and exit cleanly on exceptions.
   Raises:
-    ValueError: at the call, for a prune ratio outside [0, 1).
+    ValueError: at the call, for a prune ratio outside [0, 1) or both arguments given.
   """
-  return _razorized(as_policy(prune_ratio_or_policy))
+  if isinstance(prune_ratio, Policy) and policy is None:
+    prune_ratio, policy = None, prune_ratio
+  return _razorized(resolve(prune_ratio, policy))

@@ -2,16 +2,17 @@
 
 Each layer subclasses its flax twin and keeps its fields, parameter names, shapes,
 initialisation and call signature, so params made by the flax layer load unchanged
-and the forward output is bit-identical. Two fields are added: `prune_ratio`
-(default 0.9) and `policy` (a `razor_jax.policy.Policy`; when given it wins).
-Where the policy prunes nothing the layer has, it runs flax's own code.
+and the forward output is bit-identical. `RazorModule` adds the two fields they all
+share, `prune_ratio` and `policy` (one of them at most; 0.9 when neither is given,
+see `razor_jax.policy`), and dispatches each call: where the policy prunes nothing
+the layer has, it runs flax's own code.
 
 flax names an unnamed submodule after its class, so a RazorDense in a compact
 parent is "RazorDense_0" where nn.Dense was "Dense_0": pass `name=` to keep the
 parent's param tree, or leave the model alone and use `razorize()`.
 
-The module-level `_dense`, `_dense_general`, `_layer_norm`, `_conv` and `_mha`
-functions take the module as their first argument and only read its fields and
+The module-level `razor_dense`, `razor_dense_general`, `razor_layer_norm`,
+`razor_conv` and `razor_mha` functions take the module as their first argument and only read its fields and
 call `m.param` / `m.sow` / `m.make_rng`, so `razorize()` runs them on unmodified
 flax modules too. They raise `UnsupportedConfigError` before touching any state
 when a configuration has no razor version.
@@ -33,7 +34,7 @@ from flax.linen import linear as flax_linear
 from jax import lax
 
 from razor_jax import ops
-from razor_jax.policy import Policy, as_policy
+from razor_jax.policy import Policy, resolve
 
 
 class UnsupportedConfigError(ValueError):
@@ -47,19 +48,7 @@ def _unsupported(m, what: str):
   raise err
 
 
-def _check_razor_fields(m):
-  """Raises now, at construction, for a bad prune_ratio or policy."""
-  as_policy(m.prune_ratio)
-  if m.policy is not None and not isinstance(m.policy, Policy):
-    raise ValueError(
-        f"policy must be a razor_jax.Policy or None, got {type(m.policy).__name__}")
-
-
-def _policy_of(m) -> Policy:
-  return m.policy if m.policy is not None else as_policy(m.prune_ratio)
-
-
-def _runs_exact(policy: Policy, module) -> bool:
+def runs_exact(policy: Policy, module) -> bool:
   """Whether `policy` prunes nothing that `module` (a flax or razor layer) computes.
 
   Such a call runs flax's own code, so its results and gradients are flax's.
@@ -94,9 +83,37 @@ def _as_tuple(x) -> tuple:
   return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+class RazorModule(nn.Module):
+  """The fields and the dispatch every Razor* layer shares; a base, not a layer.
+
+  Attributes:
+    prune_ratio: fraction of each activation dropped from its stored copy, in [0, 1);
+      0 = exact. None (the default): 0.9, or the policy's.
+    policy: a Policy (per-op-type ratios, storage formats) instead of a prune_ratio.
+  """
+  prune_ratio: Optional[float] = None
+  policy: Optional[Policy] = None
+
+  def __post_init__(self):
+    self.razor_policy  # pylint: disable=pointless-statement  (raises now, at construction)
+    super().__post_init__()
+
+  @property
+  def razor_policy(self) -> Policy:
+    """The Policy this layer runs with."""
+    return resolve(self.prune_ratio, self.policy)
+
+  def razor_or_flax(self, razor_fn, flax_call, *args, **kwargs):
+    """razor_fn(self, policy, ...) where the policy prunes something here, else flax's code."""
+    policy = self.razor_policy
+    if runs_exact(policy, self):
+      return flax_call(*args, **kwargs)
+    return razor_fn(self, policy, *args, **kwargs)
+
+
 # ----------------------------------------------------------------- dense
 
-def _dense(m, policy: Policy, inputs):
+def razor_dense(m, policy: Policy, inputs):
   """nn.Dense.__call__ with ops.dense."""
   if m.dot_general is not None or m.dot_general_cls is not None:
     _unsupported(m, "a custom dot_general / dot_general_cls")
@@ -143,7 +160,7 @@ def _dense_general_params(m, inputs, features, axis):
   return kernel, bias
 
 
-def _dense_general(m, policy: Policy, inputs):
+def razor_dense_general(m, policy: Policy, inputs):
   """nn.DenseGeneral.__call__ (batch_dims=()) with ops.dense_general."""
   features, axis = _dense_general_axes(m, inputs)
   kernel, bias = _dense_general_params(m, inputs, features, axis)
@@ -152,46 +169,20 @@ def _dense_general(m, policy: Policy, inputs):
                            precision=m.precision)
 
 
-class RazorDense(nn.Dense):
-  """nn.Dense whose kernel gradient is computed from a top-K pruned copy of the input.
-
-  Attributes:
-    prune_ratio: fraction of the input dropped from the stored residual (0 = exact).
-    policy: a Policy; when given it overrides `prune_ratio` (op type "dense").
-  """
-  prune_ratio: float = 0.9
-  policy: Optional[Policy] = None
-
-  def __post_init__(self):
-    _check_razor_fields(self)
-    super().__post_init__()
+class RazorDense(RazorModule, nn.Dense):
+  """nn.Dense whose kernel gradient is computed from a top-K pruned copy of the input."""
 
   @nn.compact
   def __call__(self, inputs):
-    if _runs_exact(_policy_of(self), self):
-      return super().__call__(inputs)
-    return _dense(self, _policy_of(self), inputs)
+    return self.razor_or_flax(razor_dense, super().__call__, inputs)
 
 
-class RazorDenseGeneral(nn.DenseGeneral):
-  """nn.DenseGeneral with a pruned residual; `batch_dims` must be empty.
-
-  Attributes:
-    prune_ratio: fraction of the input dropped from the stored residual (0 = exact).
-    policy: a Policy; when given it overrides `prune_ratio` (op type "dense").
-  """
-  prune_ratio: float = 0.9
-  policy: Optional[Policy] = None
-
-  def __post_init__(self):
-    _check_razor_fields(self)
-    super().__post_init__()
+class RazorDenseGeneral(RazorModule, nn.DenseGeneral):
+  """nn.DenseGeneral with a pruned residual; `batch_dims` must be empty."""
 
   @nn.compact
   def __call__(self, inputs):
-    if _runs_exact(_policy_of(self), self):
-      return super().__call__(inputs)
-    return _dense_general(self, _policy_of(self), inputs)
+    return self.razor_or_flax(razor_dense_general, super().__call__, inputs)
 
 
 class _Projection(nn.DenseGeneral):
@@ -209,7 +200,7 @@ class _Projection(nn.DenseGeneral):
 
 # ----------------------------------------------------------------- layer norm
 
-def _layer_norm(m, policy: Policy, x, *, mask=None):
+def razor_layer_norm(m, policy: Policy, x, *, mask=None):
   """nn.LayerNorm.__call__ over the last axis with ops.layer_norm."""
   last = (jnp.ndim(x) - 1,)
   for name in ("reduction_axes", "feature_axes"):
@@ -246,29 +237,17 @@ def _layer_norm(m, policy: Policy, x, *, mask=None):
   return jnp.asarray(y, out_dtype)
 
 
-class RazorLayerNorm(nn.LayerNorm):
+class RazorLayerNorm(RazorModule, nn.LayerNorm):
   """nn.LayerNorm over the last axis; its input gradient uses a pruned copy of the input.
 
   Only reduction_axes=feature_axes=-1, no mask, no cross-device statistics and
   flax's defaults for use_fast_variance and force_float32_reductions are supported;
   anything else raises UnsupportedConfigError (a ValueError).
-
-  Attributes:
-    prune_ratio: fraction of the input dropped from the stored residual (0 = exact).
-    policy: a Policy; when given it overrides `prune_ratio` (op type "layer_norm").
   """
-  prune_ratio: float = 0.9
-  policy: Optional[Policy] = None
-
-  def __post_init__(self):
-    _check_razor_fields(self)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, *, mask=None):
-    if _runs_exact(_policy_of(self), self):
-      return super().__call__(x, mask=mask)
-    return _layer_norm(self, _policy_of(self), x, mask=mask)
+    return self.razor_or_flax(razor_layer_norm, super().__call__, x, mask=mask)
 
 
 # ----------------------------------------------------------------- conv
@@ -280,7 +259,7 @@ def _conv_dimension_numbers(ndim: int):
   return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
-def _conv(m, policy: Policy, inputs):
+def razor_conv(m, policy: Policy, inputs):
   """nn.Conv.__call__ (shared weights) with ops.conv."""
   if m.conv_general_dilated is not None or m.conv_general_dilated_cls is not None:
     _unsupported(m, "a custom conv_general_dilated / conv_general_dilated_cls")
@@ -338,29 +317,17 @@ def _conv(m, policy: Policy, inputs):
   return y
 
 
-class RazorConv(nn.Conv):
+class RazorConv(RazorModule, nn.Conv):
   """nn.Conv whose kernel gradient is computed from a pruned copy of the (padded) input.
 
   Supports nn.Conv's options (strides, every padding mode, input/kernel dilation,
   feature groups, mask, use_bias); a custom conv_general_dilated raises
   UnsupportedConfigError.
-
-  Attributes:
-    prune_ratio: fraction of the input dropped from the stored residual (0 = exact).
-    policy: a Policy; when given it overrides `prune_ratio` (op type "conv").
   """
-  prune_ratio: float = 0.9
-  policy: Optional[Policy] = None
-
-  def __post_init__(self):
-    _check_razor_fields(self)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, inputs):
-    if _runs_exact(_policy_of(self), self):
-      return super().__call__(inputs)
-    return _conv(self, _policy_of(self), inputs)
+    return self.razor_or_flax(razor_conv, super().__call__, inputs)
 
 
 # ----------------------------------------------------------------- attention
@@ -454,7 +421,7 @@ def _attend(m, policy: Policy, query, key, value, mask, dropout_rng, determinist
   return ops.softmax_attend(logits, value, spec, precision=m.precision, softmax_in_float32=fp32)
 
 
-def _mha(m, policy: Policy, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None,
+def razor_mha(m, policy: Policy, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None,
          mask=None, deterministic=None, dropout_rng=None, sow_weights=False):
   """nn.MultiHeadDotProductAttention.__call__ with razor projections and attention."""
   _check_mha(m)  # before any submodule exists, so a fallback can still run flax's code
@@ -498,7 +465,7 @@ def _mha(m, policy: Policy, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv
       param_dtype=m.param_dtype, precision=m.precision, policy=policy, name="out")(x)
 
 
-class RazorMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
+class RazorMultiHeadDotProductAttention(RazorModule, nn.MultiHeadDotProductAttention):
   """nn.MultiHeadDotProductAttention with razor projections, QK^T and softmax-V.
 
   Same fields, params (query/key/value/out, optional query_ln/key_ln) and call as
@@ -508,26 +475,12 @@ class RazorMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   With attention dropout active, softmax, dropout and weights-V run exactly (plain
   jnp). decode=True, a custom attention_fn or custom dot_general/einsum factories
   raise UnsupportedConfigError (a ValueError).
-
-  Attributes:
-    prune_ratio: fraction of each activation dropped from its residual (0 = exact).
-    policy: a Policy; when given it overrides `prune_ratio`.
   """
-  prune_ratio: float = 0.9
-  policy: Optional[Policy] = None
-
-  def __post_init__(self):
-    _check_razor_fields(self)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
                deterministic=None, dropout_rng=None, sow_weights=False):
     """Applies multi-head dot-product attention (see nn.MultiHeadDotProductAttention)."""
-    if _runs_exact(_policy_of(self), self):
-      return super().__call__(inputs_q, inputs_k, inputs_v, inputs_kv=inputs_kv, mask=mask,
-                              deterministic=deterministic, dropout_rng=dropout_rng,
-                              sow_weights=sow_weights)
-    return _mha(self, _policy_of(self), inputs_q, inputs_k, inputs_v, inputs_kv=inputs_kv,
-                mask=mask, deterministic=deterministic, dropout_rng=dropout_rng,
-                sow_weights=sow_weights)
+    return self.razor_or_flax(razor_mha, super().__call__, inputs_q, inputs_k, inputs_v,
+                              inputs_kv=inputs_kv, mask=mask, deterministic=deterministic,
+                              dropout_rng=dropout_rng, sow_weights=sow_weights)

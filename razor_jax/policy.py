@@ -1,4 +1,14 @@
-"""One object that says how much each kind of op prunes; shared by layers and razorize()."""
+"""One knob for Back Razor: what each kind of op prunes and how it stores the rest.
+
+The layers (`razor_jax.layers`), the ViT (`razor_jax.models.vit.ViT`) and
+`razorize()` take the same two arguments, resolved here by `resolve`:
+
+  prune_ratio  the fraction of each saved activation that is pruned, in [0, 1);
+               0.9 (the paper's default) when neither argument is given. 0 is
+               plain fine-tuning: every gradient exact, GELU's included.
+  policy       a `Policy`, for per-op-type ratios or other storage formats. It
+               carries its own ratio, so passing both is an error.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +17,11 @@ from typing import Mapping, Optional
 from razor_jax import packed
 from razor_jax.ops import GELU_FORMATS, PackSpec
 
+DEFAULT_PRUNE_RATIO = 0.9  # the paper's
 # Kinds of op a policy can set apart. "attention" covers QK^T and softmax(.)V; the
 # q/k/v/out projections are "dense".
 OP_TYPES = ("dense", "attention", "layer_norm", "conv")
+GELU_STORAGES = ("auto",) + GELU_FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,23 +33,25 @@ class Policy:
     granularity: "sample" (top-K per batch sample, the paper's rule) or "token".
     value_format: storage of kept values ("auto" = bf16 for float32 inputs; "int8").
     position_format: "auto", "bitmask" or "indices".
-    gelu_storage: "uint8" (8-bit derivative), "bfloat16" (bf16 input) or None (exact).
+    gelu_storage: what GELU keeps for its backward: "auto" (exact when the policy
+      prunes nothing, else "uint8"), "uint8" (its derivative in 8 bits), "bfloat16"
+      (its input in bf16) or None (exact).
     ratios: per-op-type prune ratios overriding `prune_ratio`, as ((op_type, ratio), ...);
       build it with `Policy.make(..., attention=0.0)`.
   """
-  prune_ratio: float = 0.9
+  prune_ratio: float = DEFAULT_PRUNE_RATIO
   granularity: str = "sample"
   value_format: str = "auto"
   position_format: str = "auto"
-  gelu_storage: Optional[str] = "uint8"
+  gelu_storage: Optional[str] = "auto"
   ratios: tuple = ()
 
   def __post_init__(self):
     packed.check_prune_ratio(self.prune_ratio)
     packed.check_granularity(self.granularity)
-    if self.gelu_storage is not None and self.gelu_storage not in GELU_FORMATS:
+    if self.gelu_storage is not None and self.gelu_storage not in GELU_STORAGES:
       raise ValueError(
-          f"gelu_storage must be one of {GELU_FORMATS} or None, got {self.gelu_storage!r}")
+          f"gelu_storage must be one of {GELU_STORAGES} or None (exact), got {self.gelu_storage!r}")
     for op_type, ratio in self.ratios:
       if op_type not in OP_TYPES:
         raise ValueError(f"unknown op type {op_type!r} in a policy; expected one of {OP_TYPES}")
@@ -46,8 +60,8 @@ class Policy:
     PackSpec(self.prune_ratio, self.granularity, self.value_format, self.position_format)
 
   @classmethod
-  def make(cls, prune_ratio: float = 0.9, *, ratios: Optional[Mapping[str, float]] = None,
-           **kwargs) -> "Policy":
+  def make(cls, prune_ratio: float = DEFAULT_PRUNE_RATIO, *,
+           ratios: Optional[Mapping[str, float]] = None, **kwargs) -> "Policy":
     """Policy.make(0.9, attention=0.0) keeps attention exact and prunes the rest at 0.9."""
     per_op = dict(ratios or {})
     for op_type in OP_TYPES:
@@ -68,13 +82,37 @@ class Policy:
     return PackSpec(ratio, self.granularity, self.value_format, self.position_format)
 
   @property
+  def prunes(self) -> bool:
+    """Whether any op type is pruned."""
+    return any(self.ratio(t) != 0.0 for t in OP_TYPES)
+
+  @property
+  def gelu(self) -> Optional[str]:
+    """GELU's storage in force ("auto" resolved); None means an exact GELU."""
+    if self.gelu_storage == "auto":
+      return "uint8" if self.prunes else None
+    return self.gelu_storage
+
+  @property
   def exact(self) -> bool:
-    return all(self.ratio(t) == 0.0 for t in OP_TYPES) and self.gelu_storage is None
+    """Whether everything is exact: plain fine-tuning."""
+    return not self.prunes and self.gelu is None
 
 
-def as_policy(prune_ratio_or_policy) -> Policy:
-  """A Policy from a Policy or a bare prune ratio (0 means exact everywhere, gelu included)."""
-  if isinstance(prune_ratio_or_policy, Policy):
-    return prune_ratio_or_policy
-  ratio = packed.check_prune_ratio(prune_ratio_or_policy)
-  return Policy(prune_ratio=ratio, gelu_storage=None if ratio == 0.0 else "uint8")
+def resolve(prune_ratio: Optional[float] = None, policy: Optional[Policy] = None) -> Policy:
+  """The Policy in force for a `prune_ratio` or a `policy` (at most one of them given).
+
+  Raises:
+    ValueError: for both given, a policy that is not a Policy, or a ratio outside [0, 1).
+  """
+  if policy is not None:
+    if not isinstance(policy, Policy):
+      raise ValueError(f"policy must be a razor_jax.Policy or None, got {type(policy).__name__}")
+    if prune_ratio is not None:
+      raise ValueError(
+          f"got both prune_ratio={prune_ratio!r} and policy={policy!r}; pass one: a Policy"
+          " carries its own prune_ratio (e.g. policy=Policy.make(0.9, attention=0.0))")
+    return policy
+  if prune_ratio is None:
+    return Policy(DEFAULT_PRUNE_RATIO)
+  return Policy(packed.check_prune_ratio(prune_ratio))

@@ -45,15 +45,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_path = f"{PUBLIC_CHECKPOINTS}/ViT-B_16.npz"
   config.keep_head = False  # True keeps the checkpoint's head if it fits (same classes)
 
-  # Back Razor: forward dense, backward from a top-K copy of each activation.
+  # Back Razor: forward dense, backward from a top-K copy of each activation (the
+  # encoder's; the patch embedding and the head stay exact, as in the paper).
   config.prune_ratio = 0.9  # fraction of each activation pruned; 0 = full fine-tuning
-  config.granularity = "sample"  # top-K per batch sample (the paper's rule) or per "token"
-  config.policy = ml_collections.ConfigDict()  # per-op overrides of prune_ratio; unset = same
+  config.policy = ml_collections.ConfigDict()  # razor_jax.Policy's fields; unset = prune_ratio
   config.policy.dense = config_dict.placeholder(float)  # qkv/out projections and MLP layers
   config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V
   config.policy.layer_norm = config_dict.placeholder(float)  # layer norms
-  config.policy.conv = config_dict.placeholder(float)  # the patch embedding
-  config.policy.gelu_storage = "uint8"  # GELU derivative kept as "uint8", "bfloat16" or "exact"
+  config.policy.granularity = "sample"  # top-K per batch sample (the paper's rule) or "token"
+  config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint8"),
+  #                                      "uint8", "bfloat16" or "exact"
   config.policy.value_format = "auto"  # kept values: "auto" (bf16 for f32), "int8", ...
   config.policy.position_format = "auto"  # kept positions: "auto", "bitmask" or "indices"
 

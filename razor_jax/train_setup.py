@@ -15,7 +15,7 @@ import ml_collections
 
 from razor_jax import checkpoint, sharding, train_config
 from razor_jax.memory import CompiledMemory
-from razor_jax.policy import OP_TYPES, Policy
+from razor_jax.policy import Policy
 from razor_jax.train_step import TrainState, make_eval_step, make_optimizer, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,13 +87,17 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def make_policy(config, *, full_finetuning: bool = False) -> Optional[Policy]:
-  """The Back Razor policy of `config`; None means plain autodiff (full fine-tuning)."""
-  per_op = {op: config.policy[op] for op in OP_TYPES if config.policy[op] is not None}
-  if full_finetuning or (config.prune_ratio == 0 and not any(per_op.values())):
-    return None
+# The op types a ViT run can set apart (its patch embedding, a conv, stays exact).
+POLICY_OP_TYPES = ("dense", "attention", "layer_norm")
+
+
+def make_policy(config, *, full_finetuning: bool = False) -> Policy:
+  """The Back Razor policy of `config`; `Policy(0.0)` (plain autodiff) for full fine-tuning."""
+  if full_finetuning:
+    return Policy(0.0)
+  per_op = {op: config.policy[op] for op in POLICY_OP_TYPES if config.policy[op] is not None}
   gelu = config.policy.gelu_storage
-  return Policy.make(config.prune_ratio, ratios=per_op, granularity=config.granularity,
+  return Policy.make(config.prune_ratio, ratios=per_op, granularity=config.policy.granularity,
                      value_format=config.policy.value_format,
                      position_format=config.policy.position_format,
                      gelu_storage=None if gelu in ("exact", "", None) else gelu)
@@ -105,7 +109,7 @@ def build_model(config, num_classes: int, *, full_finetuning: bool = False):
   kwargs = {k: v for k, v in config.model.items() if v is not None}
   kwargs["variant"] = kwargs.get("variant") or None
   return ViT(num_classes=num_classes, policy=make_policy(config, full_finetuning=full_finetuning),
-             granularity=config.granularity, dtype=DTYPES[config.dtype], **kwargs)
+             dtype=DTYPES[config.dtype], **kwargs)
 
 
 def _image_shape(config, batch: int = 1) -> tuple:

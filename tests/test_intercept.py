@@ -52,17 +52,17 @@ def _leaf(tree, path):
   return np.asarray(tree)
 
 
-def _output_and_grads(model, ratio_or_policy=None):
-  """jit of params -> (output, param grads), run inside razorize unless None."""
+def _output_and_grads(model, knob=None):
+  """jit of params -> (output, param grads), run inside razorize(**knob) unless None."""
   def run(params):
     y, vjp = jax.vjp(lambda p: model.apply(p, IMG), params)
     return y, vjp(COT)[0]
 
   def traced(params):
     # Entered inside the traced function: jit's cache does not see razorize.
-    if ratio_or_policy is None:
+    if knob is None:
       return run(params)
-    with razorize(ratio_or_policy):
+    with razorize(**knob):
       return run(params)
 
   return jax.jit(traced)(PARAMS)
@@ -75,7 +75,7 @@ def _exact():
 
 def test_forward_unchanged_and_weight_gradients_are_razor_layers():
   y, grads = _exact()
-  razor_y, razor_grads = _output_and_grads(Net(), 0.9)
+  razor_y, razor_grads = _output_and_grads(Net(), dict(prune_ratio=0.9))
   chex.assert_trees_all_equal(razor_y, y)
   for path in WEIGHTS:
     assert not np.allclose(_leaf(razor_grads, path), _leaf(grads, path), rtol=1e-2, atol=1e-3), path
@@ -87,7 +87,7 @@ def test_init_and_exact_ratio_are_flax():
   with razorize(0.9):
     params = jax.jit(Net().init)(KEY, IMG)
   chex.assert_trees_all_equal(params, PARAMS)
-  chex.assert_trees_all_equal(_output_and_grads(Net(), 0.0), _exact())
+  chex.assert_trees_all_equal(_output_and_grads(Net(), dict(prune_ratio=0.0)), _exact())
 
 
 class _Head(nn.Dense):
@@ -192,9 +192,24 @@ def test_state_restored_after_block_exception_and_nesting():
   chex.assert_trees_all_equal(kernel_grad(), exact)
 
 
+def test_razorize_takes_the_layers_knob():
+  policy = Policy.make(0.9, attention=0.0)
+  for args, kwargs, want in [((), {}, Policy(0.9)), ((0.9,), {}, Policy(0.9)),
+                             ((), dict(prune_ratio=0.5), Policy(0.5)),
+                             ((), dict(policy=policy), policy), ((policy,), {}, policy)]:
+    with razorize(*args, **kwargs) as got:
+      assert got == want, (args, kwargs)
+  for args, kwargs in [((0.9,), dict(policy=policy)), ((policy,), dict(policy=policy))]:
+    with pytest.raises(ValueError, match="pass one"):
+      razorize(*args, **kwargs)
+
+
 @pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "most"])
 def test_bad_prune_ratio(bad):
   depths = _stack_depths()
-  with pytest.raises(ValueError, match="prune_ratio"):
+  with pytest.raises(ValueError, match="prune_ratio") as error:
     razorize(bad)  # raises at the call, before any block is entered
   assert _stack_depths() == depths
+  with pytest.raises(ValueError) as layer_error:
+    layers.RazorDense(4, prune_ratio=bad)
+  assert str(error.value) == str(layer_error.value)  # the same message as a layer's

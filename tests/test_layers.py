@@ -116,18 +116,22 @@ def test_layer_gradients_are_back_razor(case):
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_policy_wins_over_prune_ratio():
+def test_policy_is_the_other_way_to_give_the_knob():
   x = _rand(0, (4, 16))
   params = nn.Dense(8).init(KEY, x)
   cot = _rand(1, (4, 8))
   _, exact = _value_and_grad(nn.Dense(8), cot)(params, x)
-  _, got = _value_and_grad(layers.RazorDense(8, prune_ratio=0.9, policy=Policy(0.0)), cot)(
-      params, x)
+  _, got = _value_and_grad(layers.RazorDense(8, policy=Policy(0.0)), cot)(params, x)
   chex.assert_trees_all_equal(got, exact)
   # The dense entry of the policy is the one a dense layer reads.
   _, got = _value_and_grad(layers.RazorDense(8, policy=Policy.make(0.0, dense=0.5)), cot)(
       params, x)
   assert not np.allclose(got[0]["params"]["kernel"], exact[0]["params"]["kernel"])
+  # Neither given: the paper's 0.9.
+  _, default = _value_and_grad(layers.RazorDense(8), cot)(params, x)
+  chex.assert_trees_all_equal(
+      default, _value_and_grad(layers.RazorDense(8, prune_ratio=0.9), cot)(params, x)[1])
+  assert layers.RazorDense(8).razor_policy == Policy(0.9)
 
 
 @pytest.mark.parametrize("fields", [
@@ -309,7 +313,16 @@ def test_bad_prune_ratio(bad):
                lambda: layers.RazorLayerNorm(prune_ratio=bad),
                lambda: layers.RazorConv(4, (3,), prune_ratio=bad),
                lambda: layers.RazorMultiHeadDotProductAttention(2, prune_ratio=bad)):
-    with pytest.raises(ValueError, match="prune_ratio"):
+    with pytest.raises(ValueError, match=r"prune_ratio must be (a float )?in \[0, 1\)"):
       make()
+
+
+def test_bad_policy_or_both_knobs():
   with pytest.raises(ValueError, match="policy must be a razor_jax.Policy"):
     layers.RazorDense(4, policy=0.9)
+  for make in (lambda: layers.RazorDense(4, prune_ratio=0.9, policy=Policy(0.0)),
+               lambda: layers.RazorDenseGeneral(4, prune_ratio=0.0, policy=Policy(0.5)),
+               lambda: layers.RazorMultiHeadDotProductAttention(2, prune_ratio=0.5,
+                                                                policy=Policy(0.5))):
+    with pytest.raises(ValueError, match="got both prune_ratio=.* and policy=.*; pass one"):
+      make()

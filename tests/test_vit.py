@@ -78,7 +78,7 @@ def test_forward_is_the_reference_forward_bit_for_bit(scan, prune_ratio, kw):
   if scan:
     # A loop (and batch slices) compile to other kernels than the unrolled reference, so
     # equality is bit for bit against the same layout at prune_ratio 0, close to the reference.
-    dense = vit.ViT(10, scan=scan, batch_chunk=1, **TINY, **kw)
+    dense = vit.ViT(10, scan=scan, prune_ratio=0.0, batch_chunk=1, **TINY, **kw)
     chex.assert_trees_all_equal(out, dense.apply({"params": params}, _images(), train=True))
     chex.assert_trees_all_close(out, expected, atol=2e-6, rtol=1e-5)
   else:
@@ -91,7 +91,8 @@ def test_prune_ratio_zero_is_full_fine_tuning():
   expected = jax.grad(_loss(ref, _images(), labels))(ref_params)
   for scan in (True, False):
     params = _stack_blocks(ref_params, 2) if scan else ref_params
-    grads = jax.grad(_loss(vit.ViT(10, scan=scan, **TINY), _images(), labels))(params)
+    grads = jax.grad(_loss(vit.ViT(10, scan=scan, prune_ratio=0.0, **TINY), _images(),
+                           labels))(params)
     if scan:
       expected_layout = _stack_blocks(expected, 2)
     else:
@@ -110,7 +111,8 @@ def _cosines(a, b):
 def test_razor_gradients_approximate_exact_and_agree_across_layouts():
   _, ref_params = _reference_params()
   images, labels = _images(batch=4), jnp.array([1, 2, 3, 4])
-  exact = jax.grad(_loss(vit.ViT(10, scan=False, **TINY), images, labels))(ref_params)
+  exact = jax.grad(_loss(vit.ViT(10, scan=False, prune_ratio=0.0, **TINY), images,
+                         labels))(ref_params)
   unrolled = jax.grad(_loss(vit.ViT(10, scan=False, prune_ratio=0.5, **TINY), images,
                             labels))(ref_params)
   scanned = jax.grad(_loss(vit.ViT(10, prune_ratio=0.5, batch_chunk=2, **TINY), images,
@@ -261,8 +263,8 @@ def test_compiled_step_memory_falls_as_issue_3_demands():
   # 4 blocks of width 128 at batch 64, 224 px, so it compiles in seconds. Measured
   # 1689 MiB at 0.0, 445 MiB with remat, 224 MiB at 0.9.
   sizes = dict(patch_size=16, hidden_size=128, mlp_dim=512, num_heads=4, num_layers=4)
-  full = _step_peak(vit.ViT(100, **sizes), 64, 224)
+  full = _step_peak(vit.ViT(100, prune_ratio=0.0, **sizes), 64, 224)
   razor = _step_peak(vit.ViT(100, prune_ratio=0.9, **sizes), 64, 224)
-  remat = _step_peak(vit.ViT(100, remat=True, **sizes), 64, 224)
+  remat = _step_peak(vit.ViT(100, prune_ratio=0.0, remat=True, **sizes), 64, 224)
   assert razor <= 0.15 * full, (razor, full)
   assert razor <= 0.6 * remat, (razor, remat)

@@ -9,13 +9,19 @@ output matches the reference at any prune ratio.
 Inside each encoder block every activation the backward needs is stored pruned:
 LayerNorm inputs and the projections they feed share one packed copy (see
 `block_ops`), then q and k, the attention probabilities and v, the out-projection
-input, and the fc2 input; GELU keeps its 8-bit derivative. With nothing pruned
-(`prune_ratio=0.0` or an exact policy) the model is plain autodiff: full fine-tuning.
+input, and the fc2 input; GELU keeps its 8-bit derivative. The patch embedding (a
+plain nn.Conv) and the head stay exact, as in the paper. The knob is the layers' (`razor_jax.policy`): `prune_ratio` (default 0.9) or
+a `policy`; with nothing pruned (`prune_ratio=0.0`, `Policy(0.0)`) the model is plain
+autodiff: full fine-tuning.
 
-Blocks are scanned (`nn.scan`) by default: XLA then keeps one block's dense
-activations at a time and the packed residuals of all blocks, which is where the
-saving becomes real (see README, "Memory"). `scan=False` unrolls them under the
-names `encoderblock_{i}`; `load_pretrained` and `export` handle both layouts.
+Blocks are scanned by default: their params are stacked under `encoderblock` (made
+by nn.scan at init), and the forward and backward run them through
+`razor_jax.scan.scan_layers`, a custom-VJP scan over batch slices (with
+`remat=True`, for comparison, through nn.scan). XLA then keeps one
+block's dense activations at a time and the packed residuals of all blocks, which is
+where the saving becomes real (see README, "What makes the saving real").
+`scan=False` unrolls them under the names `encoderblock_{i}`; `load_pretrained` and
+`export` handle both layouts.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from jax import lax
 from razor_jax import block_ops, ops, scan
 from razor_jax.models.vit_checkpoint import (  # noqa: F401  (public API of this module)
     CheckpointMismatchError, export, load_pretrained)
-from razor_jax.policy import Policy, as_policy
+from razor_jax.policy import Policy, resolve
 
 # name -> (patch_size, hidden_size, mlp_dim, num_heads, num_layers)
 VARIANTS = {
@@ -119,7 +125,8 @@ def _ln_then_project(policy: Policy, x, ln, kernels, biases, dtype):
 class Encoder1DBlock(nn.Module):
   """Pre-norm transformer block (vit_jax's Encoder1DBlock) with razor ops.
 
-  Called as block(x, deterministic) -> (x, None), the signature nn.scan expects.
+  Called as block(x, deterministic) -> (x, None), the signature nn.scan expects (it
+  stacks the blocks' params at init).
   """
   mlp_dim: int
   num_heads: int
@@ -154,7 +161,7 @@ class Encoder1DBlock(nn.Module):
 
     # MLP: LayerNorm, fc1, gelu (tanh form, flax's default), fc2.
     (h,) = _ln_then_project(policy, x, ln1, [k1], [b1], dtype)
-    h = dropout(ops.gelu(h, approximate=True, storage=policy.gelu_storage))
+    h = dropout(ops.gelu(h, approximate=True, storage=policy.gelu))
     k2, b2 = _cast(dtype, k2, b2)
     y = dropout(ops.dense(h, k2, b2, dense_spec))
     return x + y, None
@@ -257,10 +264,12 @@ class ViT(nn.Module):
       sizes below (which are ignored then). None: use the sizes as given.
     representation_size: width of the tanh `pre_logits` layer, or None for none.
     classifier: "token" (the cls token) or "gap" (mean over tokens).
-    prune_ratio: Back Razor's ratio for every saved activation (0 = full fine-tuning).
-    policy: a razor_jax.Policy (per-op-type ratios, gelu storage); overrides prune_ratio.
-    granularity: "sample" (the paper's top-K per sample) or "token"; with prune_ratio.
-    scan: scan the blocks (nn.scan); False unrolls them.
+    prune_ratio: Back Razor's ratio for every saved activation, in [0, 1); None (the
+      default): 0.9, or the policy's. 0 = full fine-tuning.
+    policy: a razor_jax.Policy instead of a prune_ratio (per-op-type ratios,
+      granularity "sample" or "token", storage formats, GELU's storage).
+    scan: run the blocks through razor_jax.scan.scan_layers (params stacked under
+      `encoderblock`; with remat, through nn.scan); False unrolls them.
     remat: wrap each block in nn.remat (jax.checkpoint), for comparison.
     dtype: computation dtype of the encoder (params stay float32).
   """
@@ -274,9 +283,8 @@ class ViT(nn.Module):
   representation_size: Optional[int] = None
   classifier: str = "token"
   dropout_rate: float = 0.0
-  prune_ratio: float = 0.0
+  prune_ratio: Optional[float] = None
   policy: Optional[Policy] = None
-  granularity: str = "sample"
   scan: bool = True
   remat: bool = False
   dtype: Any = jnp.float32
@@ -288,9 +296,7 @@ class ViT(nn.Module):
                        f" {sorted(VARIANTS)} or None with explicit sizes")
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
-    if self.policy is not None and not isinstance(self.policy, Policy):
-      raise ValueError(f"policy must be a razor_jax.Policy or None, got {self.policy!r}")
-    self.razor_policy  # validates prune_ratio / granularity now
+    self.razor_policy  # pylint: disable=pointless-statement  (validates the knob now)
     super().__post_init__()
 
   @property
@@ -302,12 +308,8 @@ class ViT(nn.Module):
 
   @property
   def razor_policy(self) -> Policy:
-    if self.policy is not None:
-      return self.policy
-    policy = as_policy(self.prune_ratio)
-    if self.granularity != policy.granularity:
-      policy = Policy(policy.prune_ratio, self.granularity, gelu_storage=policy.gelu_storage)
-    return policy
+    """The Policy the encoder runs with."""
+    return resolve(self.prune_ratio, self.policy)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

@@ -1,0 +1,48 @@
+"""The one knob: a prune ratio or a Policy, what "exact" means, GELU's storage."""
+import pytest
+
+from razor_jax.policy import DEFAULT_PRUNE_RATIO, OP_TYPES, Policy, resolve
+
+
+def test_exact_is_said_one_way_ratio_zero():
+  for policy in (Policy(0.0), Policy.make(0.0), resolve(0.0), resolve(prune_ratio=0)):
+    assert policy.exact and policy.gelu is None, policy
+    assert all(policy.spec(op_type) is None for op_type in OP_TYPES)
+  # An op type pruned, or GELU's storage asked for, is not exact.
+  assert not Policy.make(0.0, attention=0.5).exact
+  assert not Policy(0.0, gelu_storage="uint8").exact
+
+
+def test_gelu_storage_auto_follows_pruning():
+  assert Policy(0.9).gelu == "uint8"
+  assert Policy.make(0.0, attention=0.9).gelu == "uint8"
+  assert Policy.make(0.9, attention=0.0).gelu == "uint8"
+  assert Policy(0.0, gelu_storage="bfloat16").gelu == "bfloat16"
+  assert Policy(0.9, gelu_storage=None).gelu is None
+  with pytest.raises(ValueError, match=r"gelu_storage must be one of \('auto', 'uint8', "
+                                       r"'bfloat16'\) or None"):
+    Policy(0.9, gelu_storage="int4")
+
+
+def test_resolve_defaults_to_the_papers_ratio_and_takes_one_knob():
+  assert DEFAULT_PRUNE_RATIO == 0.9
+  assert resolve() == Policy(0.9) == resolve(0.9)
+  assert resolve("0.5").prune_ratio == 0.5  # a number in text, as a config may hold it
+  policy = Policy.make(0.8, attention=0.0, granularity="token")
+  assert resolve(policy=policy) is policy
+  with pytest.raises(ValueError, match=r"got both prune_ratio=0.8 and policy=.*; pass one"):
+    resolve(0.8, policy)
+  with pytest.raises(ValueError, match="policy must be a razor_jax.Policy or None, got float"):
+    resolve(policy=0.8)
+  with pytest.raises(ValueError, match=r"prune_ratio must be in \[0, 1\)"):
+    resolve(1.0)
+
+
+def test_per_op_ratios_and_their_errors():
+  policy = Policy.make(0.9, attention=0.0, layer_norm=0.5)
+  assert [policy.ratio(t) for t in OP_TYPES] == [0.9, 0.0, 0.5, 0.9]
+  assert policy.spec("attention") is None and policy.spec("layer_norm").prune_ratio == 0.5
+  with pytest.raises(ValueError, match="unknown op type 'mlp' in a policy"):
+    Policy.make(0.9, ratios={"mlp": 0.5})
+  with pytest.raises(ValueError, match=r"prune ratio for 'dense' must be in \[0, 1\)"):
+    Policy.make(0.9, dense=1.5)

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from razor_jax import cli
+from razor_jax.train import cli
 from razor_jax.bench import accuracy, render
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -21,12 +21,21 @@ class CompiledMemory:
 
 
 def compiled_memory(fn, *args, **kwargs) -> CompiledMemory:
-  """Compiles `fn` (jitted unless it already is) for `args` and reads XLA's memory analysis.
+  """XLA's memory analysis of `fn` compiled for `args`, or of an executable already compiled.
 
-  `args` may be arrays or `jax.ShapeDtypeStruct`s; nothing is executed.
+  Args:
+    fn: a function (jitted here unless it already is), or what `.lower(...).compile()`
+      returned (then no args).
+    *args, **kwargs: arrays or `jax.ShapeDtypeStruct`s; nothing is executed.
+  Raises:
+    RuntimeError: where the backend gives no memory analysis.
   """
-  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+  if isinstance(fn, jax.stages.Compiled):
+    compiled = fn
+  else:
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    compiled = jitted.lower(*args, **kwargs).compile()
+  analysis = compiled.memory_analysis()
   if analysis is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
   return CompiledMemory(argument_bytes=analysis.argument_size_in_bytes,

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from razor_jax import data
-from razor_jax.datasets import digits_demo, preprocess, tfds_source
+from razor_jax.data import __main__ as data_cli
+from razor_jax.data import digits_demo, preprocess, tfds_source
 
 # Folder dataset: 3 classes; train has 7 images a class, test 3 + 4 + 3.
 CLASSES = ("cardinal", "sparrow", "wren")
@@ -317,7 +318,7 @@ def test_decodes_jpeg_and_grey_and_crops_the_centre():
 
 
 def test_prepare_command_line(digits_dir, capsys):
-  assert data.main(["digits_demo/pretrain", "--data_dir", digits_dir]) == 0
+  assert data_cli.main(["digits_demo/pretrain", "--data_dir", digits_dir]) == 0
   assert "train:" in capsys.readouterr().out
-  assert data.main(["no_such_set"]) == 1
+  assert data_cli.main(["no_such_set"]) == 1
   assert "Unknown dataset" in capsys.readouterr().err

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from razor_jax import Policy, memory
 from razor_jax.models import vit
-from razor_jax.models.vit_checkpoint import CheckpointMismatchError, flatten
+from razor_jax.models.vit_checkpoint import CheckpointMismatchError
 from vit_reference import ReferenceViT
 
 TINY = dict(patch_size=4, hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2)
@@ -171,7 +172,7 @@ _PRE_LINEN = {"LayerNorm_1": "LayerNorm_2", "MultiHeadDotProductAttention_0":
 def _public_npz(params, path):
   """Writes params as the public files are written: flat keys, pre-linen block names."""
   flat = {}
-  for key, value in flatten(params).items():
+  for key, value in traverse_util.flatten_dict(params, sep="/").items():
     parts = key.split("/")
     if len(parts) > 2 and parts[1].startswith("encoderblock_"):
       parts[2] = _PRE_LINEN.get(parts[2], parts[2])

@@ -14,7 +14,7 @@ full fine-tuning. --config.init_path='' trains the same ViT from scratch (about 
 """
 import os
 
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 # Relative to this file, so the demo runs from any working directory.
 _ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "assets")

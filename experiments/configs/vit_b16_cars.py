@@ -10,7 +10,7 @@ Expected: close to full fine-tuning (rerun with --config.prune_ratio=0 to compar
 the project has not recorded a reference accuracy for this config yet. The schedule
 follows the CUB recipe (both fine-grained); it is a starting point, not a tuned one.
 """
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 
 def get_config():

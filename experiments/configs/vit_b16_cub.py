@@ -7,7 +7,7 @@ Expected: close to full fine-tuning (rerun with --config.prune_ratio=0 to compar
 the project has not recorded a reference accuracy for this config yet. The schedule
 follows the ViT-L/16 CUB recipe; it is a starting point, not a tuned one.
 """
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ Expected: about 86.9% top-1 on the test split (the paper's Back Razor@90%; full
 fine-tuning, --config.prune_ratio=0, reached 86.6%), with 12.3 GB of training memory
 at batch 128 against 51.3 GB for full fine-tuning in the paper's measurement.
 """
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ Expected: about 99.5% top-1 on the test split. The paper's Table 1 reports 99.5%
 its Back Razor row (labelled @90%) and 99.6% for full fine-tuning
 (--config.prune_ratio=0); the original Flowers runs pruned 80%, which this keeps.
 """
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 # The four ViTs of the issue, at 224 px; "demo" is the offline demo's tiny ViT at 32 px
 # (experiments/configs/demo.py), the only one with a pretrained checkpoint offline.

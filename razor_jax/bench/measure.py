@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from razor_jax.bench import step as bench_step
 from razor_jax.bench.cases import FULL, Case
@@ -50,7 +51,7 @@ def step_times(cases: Sequence[Case], *, rounds: int = 5, warmup: int = 1,
 
 def _layer_leaves(tree) -> dict[str, np.ndarray]:
   """Leaves by path; scanned block params are split per layer (encoderblock_{i}/...)."""
-  flat = vit_checkpoint.unstack_blocks(vit_checkpoint.flatten(tree))
+  flat = vit_checkpoint.unstack_blocks(traverse_util.flatten_dict(dict(tree), sep="/"))
   return {path: np.asarray(jax.device_get(leaf), np.float64) for path, leaf in flat.items()}
 
 

@@ -1,6 +1,6 @@
 """The train step of a benchmark case: compiled by the trainer's own code, then run or traced.
 
-`build` goes through `razor_jax.train_setup.compile_step`, the function `train.run` uses,
+`build` goes through `razor_jax.train.setup.compile_step`, the function `train.run` uses,
 so a compiled figure here is what a fine-tuning run with the same config compiles to.
 """
 from __future__ import annotations
@@ -15,9 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from razor_jax import packed, sharding, train_setup, train_step
+from razor_jax import memory as memory_analysis
+from razor_jax import packed
 from razor_jax.bench.cases import Case
 from razor_jax.memory import CompiledMemory
+from razor_jax.train import setup as train_setup
+from razor_jax.train import sharding
+from razor_jax.train import step as train_step
 
 
 @dataclasses.dataclass
@@ -33,7 +37,11 @@ class Built:
 
   @property
   def memory(self) -> Optional[CompiledMemory]:
-    return train_setup.compiled_memory(self.compiled)
+    """XLA's memory analysis of the step; None where the backend gives none."""
+    try:
+      return memory_analysis.compiled_memory(self.compiled)
+    except RuntimeError:
+      return None
 
 
 def single_device_mesh():

@@ -4,8 +4,9 @@ The public files are flat .npz archives keyed by '/'-joined parameter paths. Ins
 an encoder block they keep the pre-linen names, numbered by one counter across the
 block's modules (`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
 `MlpBlock_3`); linen numbers each module type on its own (`LayerNorm_0`,
-`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`). Blocks are stored
-one per `encoderblock_{i}`; a scanned model stacks them under `encoderblock`.
+`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`). Loading renames them
+with flax's `convert_pre_linen`; `export` writes the pre-linen names back. Blocks are
+stored one per `encoderblock_{i}`; a scanned model stacks them under `encoderblock`.
 """
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import scipy.ndimage
+from flax import traverse_util
 
-# Modules of an encoder block in call order: the pre-linen counter runs over this list.
-_BLOCK_ORDER = ("LayerNorm", "MultiHeadDotProductAttention", "LayerNorm", "MlpBlock")
-_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/([A-Za-z]+)_(\d+)/(.+)$")
+# An encoder block's modules by their linen names -> the public files' pre-linen names
+# (one counter over the block's modules in call order).
+_PRE_LINEN = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0":
+              "MultiHeadDotProductAttention_1", "LayerNorm_1": "LayerNorm_2",
+              "MlpBlock_0": "MlpBlock_3"}
+_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/([^/]+)/(.+)$")
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
@@ -28,45 +33,27 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose parameters do not fit the model."""
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict:
+def _flatten(tree: Mapping) -> dict:
   """{'a': {'b': x}} -> {'a/b': x}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
+  return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
-def unflatten(flat: Mapping) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+def _to_linen(flat: Mapping) -> dict:
+  """The flat arrays of a checkpoint with linen's names (already linen names stay)."""
+  # flax.training imports orbax (and TensorFlow where it is installed): only when loading.
+  from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  tree = traverse_util.unflatten_dict(dict(flat), sep="/")
+  return _flatten(checkpoints.convert_pre_linen(tree))
 
 
-def _block_names(flat: Mapping, to_linen: bool) -> dict:
-  """Renames encoder-block submodules between the pre-linen and linen numbering."""
+def _to_pre_linen(flat: Mapping) -> dict:
+  """Unrolled linen params, flat, with the public files' names inside each block."""
   out = {}
   for path, value in flat.items():
-    m = _BLOCK.match(path)
-    if m:
-      block, kind, index, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-      if to_linen:
-        # Pre-linen index = position in the block; linen index = count of that type before it.
-        if index < len(_BLOCK_ORDER) and _BLOCK_ORDER[index] == kind:
-          index = _BLOCK_ORDER[:index].count(kind)
-      else:
-        positions = [i for i, k in enumerate(_BLOCK_ORDER) if k == kind]
-        if index < len(positions):
-          index = positions[index]
-      path = f"Transformer/encoderblock_{block}/{kind}_{index}/{rest}"
+    match = _BLOCK.match(path)
+    if match:
+      block, module, rest = match.groups()
+      path = f"Transformer/encoderblock_{block}/{_PRE_LINEN.get(module, module)}/{rest}"
     out[path] = value
   return out
 
@@ -163,8 +150,8 @@ def load_pretrained(path_or_arrays: Any, init_params: Mapping, *, has_cls: bool 
   log = log or logging.getLogger(__name__)
   arrays = read_npz(path_or_arrays) if isinstance(path_or_arrays, (str, bytes)) or hasattr(
       path_or_arrays, "__fspath__") else dict(path_or_arrays)
-  init = flatten(dict(init_params))
-  ckpt = _block_names(arrays, to_linen=True)
+  init = _flatten(init_params)
+  ckpt = _to_linen(arrays)
   if _is_scanned(ckpt):
     ckpt = unstack_blocks(ckpt)
   if _is_scanned(init):
@@ -206,14 +193,14 @@ def load_pretrained(path_or_arrays: Any, init_params: Mapping, *, has_cls: bool 
         lines.append(f"  {title} ({len(items)}):")
         lines.extend(f"    {item}" for item in sorted(items))
     raise CheckpointMismatchError("\n".join(lines))
-  return unflatten(out)
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def export(params: Mapping, path: str) -> None:
   """Writes params in the public .npz format (unrolled blocks, pre-linen names)."""
   from etils import epath
-  flat = {p: np.asarray(v) for p, v in flatten(dict(params)).items()}
-  flat = _block_names(unstack_blocks(flat), to_linen=False)
+  flat = {p: np.asarray(v) for p, v in _flatten(params).items()}
+  flat = _to_pre_linen(unstack_blocks(flat))
   buf = io.BytesIO()
   np.savez(buf, **flat)
   epath.Path(path).write_bytes(buf.getvalue())

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from razor_jax.datasets.errors import DatasetMissingError
+from razor_jax.data.errors import DatasetMissingError
 
 PROBE_TIMEOUT_S = 3.0
 

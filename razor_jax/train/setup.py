@@ -1,22 +1,21 @@
 """Setting up a fine-tuning run: checks, the model, the sharded TrainState, the compiled step.
 
-Everything here is reusable piecewise (the tests build single steps from it);
-razor_jax.train strings it together into a run.
+Everything here is reusable piecewise (the tests and the benchmarks build single steps
+from it); razor_jax.train.loop strings it together into a run.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from razor_jax import checkpoint, sharding, train_config
-from razor_jax.memory import CompiledMemory
 from razor_jax.policy import Policy
-from razor_jax.train_step import TrainState, make_eval_step, make_optimizer, make_train_step
+from razor_jax.train import checkpoint, sharding
+from razor_jax.train import config as train_config
+from razor_jax.train.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -229,17 +228,6 @@ def _compile_step(model, config: ml_collections.FrozenConfigDict, mesh):
 def jit_eval_step(model, mesh):
   """eval_step(params, batch) jitted, its sums replicated."""
   return jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
-
-
-def compiled_memory(compiled) -> Optional[CompiledMemory]:
-  """XLA's memory analysis of a compiled step (None where the backend gives none)."""
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  return CompiledMemory(argument_bytes=analysis.argument_size_in_bytes,
-                        output_bytes=analysis.output_size_in_bytes,
-                        temp_bytes=analysis.temp_size_in_bytes,
-                        alias_bytes=analysis.alias_size_in_bytes)
 
 
 def _abstract_rng(mesh):

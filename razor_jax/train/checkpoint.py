@@ -38,8 +38,9 @@ class Checkpoints:
     """Starts writing `state` as `step` (device-to-host copy now, the files in background)."""
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
-  def restore(self, step: int, abstract_state: Any) -> Any:
-    """The state saved at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
+  def restore(self, step: int, abstract_state: Any = None) -> Any:
+    """The state saved at `step`, laid out as `abstract_state` (ShapeDtypeStructs with
+    shardings); without one, as saved, in host memory."""
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
   def wait(self):
@@ -73,7 +74,7 @@ def load_params(workdir: str, step: Optional[int] = None) -> Any:
     step = ckpts.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
-    restored = ckpts._manager.restore(step, args=ocp.args.StandardRestore())  # pylint: disable=protected-access
+    restored = ckpts.restore(step)
   finally:
     ckpts.close()
   return jax.tree.map(np.asarray, restored["params"])

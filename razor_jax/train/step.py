@@ -1,6 +1,6 @@
 """The pure pieces of training: TrainState, the optimizer, train_step and eval_step.
 
-Nothing here knows about devices or files; razor_jax.train jits these with shardings.
+Nothing here knows about devices or files; razor_jax.train.setup jits these with shardings.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from razor_jax import train_config
+from razor_jax.train import config as train_config
 
 
 @struct.dataclass
@@ -25,11 +25,9 @@ class TrainState:
 def make_schedule(config) -> optax.Schedule:
   """Linear warm-up from 0 to config.lr, then cosine decay to 0 at config.total_steps."""
   warmup = min(config.warmup_steps, config.total_steps)
-  cosine = optax.cosine_decay_schedule(config.lr, max(config.total_steps - warmup, 1))
-  if warmup == 0:
-    return cosine
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.lr, warmup), cosine], [warmup])
+  # optax needs at least one decay step; a warm-up as long as the run never reaches it.
+  return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
+                                            max(config.total_steps, warmup + 1))
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -1,4 +1,4 @@
-"""Fine-tuning input pipelines: TFDS datasets, local image folders and an offline demo.
+"""The input pipelines: dataset names, training and evaluation batches.
 
 Dataset names (`DATASETS`; train split / eval split, classes):
 
@@ -18,7 +18,7 @@ TFDS datasets are read from `data_dir` (default $TFDS_DATA_DIR, else
 ~/tensorflow_datasets). One that is missing is prepared there on first use when it
 can be: `digits_demo` always (32x32 RGB images made from the digits inside the
 scikit-learn wheel, written as TFRecords to DATA_DIR/digits_demo/{pretrain,finetune}/
-1.0.0; see razor_jax/datasets/digits_demo.py); the others from files in `manual_dir`,
+1.0.0; see razor_jax/data/digits_demo.py); the others from files in `manual_dir`,
 or by download after a quick connection test. Otherwise `DatasetMissingError` says
 what to do, within seconds rather than after tfds's minutes of retries. `cars196`'s
 download links are dead, so it needs `manual_dir`. Prepare ahead of time with
@@ -41,28 +41,20 @@ every host the same number of batches, the last ones padded with mask 0.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from typing import Iterator, Optional
 
 import jax
 import numpy as np
 
-# razor_jax.datasets comes first: it quiets TensorFlow's start-up and keeps it off
+# After razor_jax.data's __init__, which quiets TensorFlow's start-up and keeps it off
 # the GPUs before anything else touches it.
-from razor_jax.datasets import DigitsDemo, preprocess
-from razor_jax.datasets.errors import DatasetMissingError
-from razor_jax.datasets.folder import FolderSource
-from razor_jax.datasets.tfds_source import TfdsSource, default_data_dir, prepare as _prepare_tfds
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402  (after razor_jax.datasets, see above)
-
-__all__ = [
-    "DATASETS", "DatasetInfo", "DatasetMissingError", "FOLDER_PREFIX", "dataset_info",
-    "eval_batches", "num_classes", "num_examples", "prepare", "train_batches",
-]
+from razor_jax.data import preprocess, tfds_source
+from razor_jax.data.digits_demo import DigitsDemo
+from razor_jax.data.folder import FolderSource
 
 FOLDER_PREFIX = "folder:"
 DEFAULT_SHUFFLE_BUFFER = 16_384
@@ -133,9 +125,9 @@ def prepare(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str]
   info = dataset_info(name)
   if info.folder:
     return info.folder
-  return str(_prepare_tfds(
-      name, info.tfds_name, data_dir=data_dir or default_data_dir(), manual_dir=manual_dir,
-      download=download, manual_only=info.manual_only, notes=info.notes,
+  return str(tfds_source.prepare(
+      name, info.tfds_name, data_dir=data_dir or tfds_source.default_data_dir(),
+      manual_dir=manual_dir, download=download, manual_only=info.manual_only, notes=info.notes,
       local_builder=_local_builder(info), multi_host=multi_host))
 
 
@@ -143,7 +135,8 @@ def _source(info: DatasetInfo, data_dir, manual_dir, download, multi_host):
   if info.folder:
     return FolderSource(info.folder)
   path = prepare(info.name, data_dir, manual_dir, download, multi_host=multi_host)
-  return TfdsSource(info.name, path, image_key=info.image_key, label_key=info.label_key)
+  return tfds_source.TfdsSource(info.name, path, image_key=info.image_key,
+                                label_key=info.label_key)
 
 
 def num_classes(name: str, data_dir: Optional[str] = None) -> int:
@@ -304,27 +297,3 @@ def eval_batches(name: str, *, batch_size: int, image_size: int, data_dir: Optio
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(steps * local - size))
   ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
   return _SizedBatches(_deterministic(ds), steps)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m razor_jax.data",
-      description="Prepare a dataset for razor_jax (download, or build from manual files).")
-  parser.add_argument("name", help=f"one of {', '.join(sorted(DATASETS))}")
-  parser.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
-  parser.add_argument("--manual_dir", default=None, help="folder holding manually downloaded source files")
-  args = parser.parse_args(argv)
-  try:
-    path = prepare(args.name, args.data_dir, args.manual_dir)
-    info = dataset_info(args.name)
-    print(f"{args.name}: {path}")
-    for split in (info.train_split, info.eval_split):
-      print(f"  {split}: {num_examples(args.name, split, args.data_dir)} examples")
-  except (DatasetMissingError, ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

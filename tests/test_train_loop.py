@@ -1,7 +1,7 @@
 """The training loop on a tiny ViT: sharding, resume, preemption, divergence, small batches.
 
 tests/conftest.py gives 8 CPU devices. Runs share one config where they can, so the
-compiled step is reused (train_setup.compile_step caches it) and the suite stays fast.
+compiled step is reused (razor_jax.train.setup.compile_step caches it) and the suite stays fast.
 """
 import copy
 import fcntl
@@ -19,7 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from razor_jax import checkpoint, sharding, train, train_config, train_setup, train_step
+from razor_jax import train
+from razor_jax.train import checkpoint, sharding
+from razor_jax.train import config as train_config
+from razor_jax.train import setup as train_setup
+from razor_jax.train import step as train_step
 from synthetic_data import SyntheticData
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

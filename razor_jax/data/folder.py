@@ -17,7 +17,7 @@ import hashlib
 import tensorflow as tf
 from etils import epath
 
-from razor_jax.datasets.errors import DatasetMissingError
+from razor_jax.data.errors import DatasetMissingError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 EVAL_SPLIT_NAMES = ("test", "validation", "val")

@@ -6,7 +6,11 @@ takes a dict with just the fields that matter.
 """
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 import ml_collections
+from flax import traverse_util
 from ml_collections import config_dict
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -99,18 +103,37 @@ def complete(config) -> ml_collections.ConfigDict:
     KeyError: for a key the trainer does not know, naming the valid ones.
   """
   full = get_config()
-  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  _merge(full, given, "")
   full.lock()
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  check_keys(full, traverse_util.flatten_dict(given, sep="."))
+  full.update(given)
   return full
 
 
-def _merge(base: ml_collections.ConfigDict, given: dict, prefix: str):
-  for key, value in given.items():
-    if key not in base:
-      raise KeyError(f"unknown config key {prefix + key!r}; valid keys here: "
-                     f"{', '.join(sorted(base.keys()))}")
-    if isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      _merge(base[key], value, f"{prefix}{key}.")
-    else:
-      base[key] = value
+def suggest(word: str, choices: Iterable[str]) -> str:
+  """" (did you mean 'x'?)" for the choice closest to a misspelled `word`, else ""."""
+  close = difflib.get_close_matches(word, list(choices), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(config: ml_collections.ConfigDict, dotted_keys: Iterable[str]):
+  """Raises KeyError for the first "a.b.c" of `dotted_keys` that is not a field of `config`.
+
+  The message names the valid keys where the path went wrong, and a group given a value.
+  """
+  for dotted in dotted_keys:
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+      where = ".".join(parts[:i])
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise KeyError(f"config key {where!r} is a value, not a group, so {dotted!r} does not"
+                       " exist")
+      if part not in node:
+        under = f" under {where!r}" if where else ""
+        unknown = ".".join(parts[:i + 1])
+        raise KeyError(f"unknown config key {unknown!r}{suggest(part, node.keys())}; valid keys"
+                       f"{under}: {', '.join(sorted(node.keys()))}")
+      node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+      raise KeyError(f"config key {dotted!r} is a group; set one of its fields:"
+                     f" {', '.join(sorted(node.keys()))}")

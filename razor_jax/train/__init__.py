@@ -1,0 +1,20 @@
+"""Fine-tuning a ViT with Back Razor (the `train` extra). `run(config, workdir)` is the entry.
+
+  config.py      every field the trainer reads, its default and meaning
+  setup.py       checks, the model, the sharded TrainState, the compiled step
+  step.py        the pure pieces: TrainState, the optimizer, train_step, eval_step
+  loop.py        run(): the loop, evaluation, checkpoints, preemption
+  sharding.py    multi-host start-up, the ("data", "fsdp") mesh, shardings
+  checkpoint.py  orbax checkpoints of the TrainState
+  metrics.py     JSON lines, TensorBoard events, the progress bar
+  cli.py         the command line of experiments/finetune.py (absl flags)
+
+Importing this package does not import TensorFlow: `run` imports the data pipelines
+(razor_jax.data) once it needs data, unless it is given other datasets.
+"""
+from razor_jax.train.loop import evaluate, run
+from razor_jax.train.setup import (CheckpointMissingError, ConfigError, NonFiniteLossError,
+                                   UserError)
+
+__all__ = ["CheckpointMissingError", "ConfigError", "NonFiniteLossError", "UserError",
+           "evaluate", "run"]

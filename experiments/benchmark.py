@@ -6,15 +6,16 @@
   experiments/gpu_check.sh                  # ViT-B/16 and L/16 at batch 128 on one GPU
 
 Writes results/benchmark.json, results/README.md and two PNG plots (matplotlib: the
-`bench` extra). The logic is razor_jax.bench; see razor_jax/bench/cli.py for the flags.
+`bench` extra). The logic is the benchmarks/ folder (python benchmarks/run.py is the
+same command); see benchmarks/cli.py for the flags.
 """
 import os
 import sys
 
-from razor_jax.bench import cli
+# benchmarks/ is a folder of the checkout, not an installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks import cli  # noqa: E402  pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-  sys.exit(cli.main(sys.argv[1:], results_dir=os.path.join(HERE, os.pardir, "results"),
-                    demo_checkpoint=os.path.join(HERE, "assets", "vit_demo_digits.npz")))
+  sys.exit(cli.main(sys.argv[1:]))

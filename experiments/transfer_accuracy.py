@@ -1,6 +1,6 @@
 """Transfer accuracy: full fine-tuning vs Back Razor@0.8/0.9/0.95/0.97, 3 seeds, SGD and Adam.
 
-Also Back Razor@0.9 with attention kept exact (razor_jax.bench.accuracy.EXTRA_METHODS).
+Also Back Razor@0.9 with attention kept exact (benchmarks.accuracy.EXTRA_METHODS).
 
   python experiments/transfer_accuracy.py            # ~1.5 h on 2 CPU cores; resumes
   python experiments/transfer_accuracy.py --quick    # a smoke run of a few minutes
@@ -9,15 +9,18 @@ Also Back Razor@0.9 with attention kept exact (razor_jax.bench.accuracy.EXTRA_ME
 
 Starts every run from the demo's pretrained ViT (experiments/configs/demo.py) and
 writes results/transfer_accuracy.json, then re-renders results/README.md. The logic
-is razor_jax.bench.accuracy.
+is benchmarks/accuracy.py.
 """
 import argparse
 import os
 import sys
 import tempfile
 
-from razor_jax.train import cli
-from razor_jax.bench import accuracy, render
+# benchmarks/ is a folder of the checkout, not an installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import accuracy, render  # noqa: E402  pylint: disable=wrong-import-position
+from razor_jax.train import cli  # noqa: E402  pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, os.pardir, "results")

@@ -43,8 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.representation_size = config_dict.placeholder(int)  # pre-logits width; None = none
   config.model.classifier = "token"  # "token" ([CLS]) or "gap" (mean over patch tokens)
   config.model.dropout_rate = 0.0  # dropout in the MLP blocks during training
-  config.model.scan = True  # nn.scan over identical blocks: one compiled body, less memory
+  config.model.scan = True  # scan over identical blocks (razor_jax.scan): one compiled body
   config.model.remat = False  # recompute each block in the backward (trades time for memory)
+  # Samples per slice when the scanned blocks run; None = the ViT's (32).
+  config.model.batch_chunk = config_dict.placeholder(int)
   # Pretrained weights in the public .npz format; "" trains from scratch.
   config.init_path = f"{PUBLIC_CHECKPOINTS}/ViT-B_16.npz"
   config.keep_head = False  # True keeps the checkpoint's head if it fits (same classes)

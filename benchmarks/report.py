@@ -9,9 +9,9 @@ from typing import Iterable, Optional, Sequence
 
 import statistics
 
-from razor_jax.bench import accuracy, paper
-from razor_jax.bench.cases import ALL_METHODS
-from razor_jax.bench.records import Record, sort_key
+from benchmarks import accuracy, paper
+from benchmarks.cases import ALL_METHODS
+from benchmarks.records import Record, sort_key
 
 GIB = 2**30
 MIB = 2**20

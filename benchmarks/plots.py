@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from razor_jax.bench.records import Record
-from razor_jax.bench.report import GIB, METHOD_COLUMNS, Index
+from benchmarks.records import Record
+from benchmarks.report import GIB, METHOD_COLUMNS, Index
 
 
 def _pyplot():

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from razor_jax import train
-from razor_jax.bench import records, version
+from benchmarks import records, version
 
 PRUNE_RATIOS = (0.0, 0.8, 0.9, 0.95, 0.97)  # 0.0 = full fine-tuning
 # Methods beyond a plain prune ratio, as config overrides. Attention's q, k, softmax and

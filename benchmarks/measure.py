@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from razor_jax.bench import step as bench_step
-from razor_jax.bench.cases import FULL, Case
+from benchmarks import step as bench_step
+from benchmarks.cases import FULL, Case
 from razor_jax.models import vit_checkpoint
 
 

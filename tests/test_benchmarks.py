@@ -1,4 +1,4 @@
-"""The benchmark: record format, a real mini run on the demo ViT, rendering, accuracy summary.
+"""The benchmarks/ suite: record format, a real mini run on the demo ViT, rendering, accuracy summary.
 
 The mini run compiles the demo ViT's train step for full fine-tuning and Back Razor@0.9
 (batch 64, 32 px), measures one of them in a fresh process, times both in turns and
@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from razor_jax.bench import accuracy, measure, records, render, suite
-from razor_jax.bench.cases import ALL_METHODS, Case, Method, parse_method
-from razor_jax.bench.records import Record
+from benchmarks import accuracy, measure, records, render, suite
+from benchmarks.cases import ALL_METHODS, Case, Method, parse_method
+from benchmarks.records import Record
 
 FULL, RAZOR = parse_method("full"), parse_method("razor@0.9")
 

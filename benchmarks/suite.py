@@ -4,8 +4,8 @@ Four kinds of measurement, each on its own list of cases:
 
   compiled  XLA's memory analysis of the donated train step (compiling only) and the
             bits per element of the packed residuals (tracing only): any size, any backend;
-  measured  the peak of a fresh process running the step (see bench.child): small ones;
-  timed     groups of one model and batch whose methods are timed in turns (bench.measure);
+  measured  the peak of a fresh process running the step (see benchmarks.child): small ones;
+  timed     groups of one model and batch whose methods are timed in turns (benchmarks.measure);
   cosine    per-layer gradient cosine against exact gradients on the same batch.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
-from razor_jax.bench import child, measure
-from razor_jax.bench import step as bench_step
-from razor_jax.bench.cases import (ALL_METHODS, DEMO, FULL, MODELS, REMAT, Case, Method)
-from razor_jax.bench.records import Record
+from benchmarks import child, measure
+from benchmarks import step as bench_step
+from benchmarks.cases import (ALL_METHODS, DEMO, FULL, MODELS, REMAT, Case, Method)
+from benchmarks.records import Record
 
 RAZOR_90 = Method("razor", 0.9)
 RAZOR_INT8_90 = Method("razor_int8", 0.9)
@@ -247,7 +247,7 @@ def cosine_inputs(case: Case, demo_checkpoint: Optional[str]):
   one, otherwise a random initialization (with a random head) on random images."""
   mesh = bench_step.single_device_mesh()
   if case.model == DEMO and demo_checkpoint and os.path.exists(demo_checkpoint):
-    from razor_jax.bench import demo_data  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from benchmarks import demo_data  # pylint: disable=g-import-not-at-top  (TensorFlow)
     params = demo_data.pretrained_params(case, demo_checkpoint)
     return params, demo_data.train_batch(case.batch), (
         "demo checkpoint (its own head) on a digits_demo training batch")

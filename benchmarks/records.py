@@ -9,7 +9,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-from razor_jax.bench.cases import Case, Method
+from benchmarks.cases import Case, Method
 
 
 @dataclasses.dataclass

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from razor_jax import data
-from razor_jax.bench import step as bench_step
-from razor_jax.bench.cases import Case
+from benchmarks import step as bench_step
+from benchmarks.cases import Case
 from razor_jax.models.vit import load_pretrained
 
 DATASET = "digits_demo"

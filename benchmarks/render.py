@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from razor_jax.bench import accuracy, records, report
+from benchmarks import accuracy, records, report
 
 BENCHMARK_JSON = "benchmark.json"
 ACCURACY_JSON = "transfer_accuracy.json"
@@ -21,6 +21,6 @@ def write(directory: str, *, command: str = "python experiments/benchmark.py",
     f.write(report.render(rows, accuracy_doc, command=command))
   written = [path]
   if plots and rows:
-    from razor_jax.bench import plots as bench_plots  # pylint: disable=g-import-not-at-top
+    from benchmarks import plots as bench_plots  # pylint: disable=g-import-not-at-top
     written += bench_plots.render_all(rows, directory)
   return written

@@ -1,4 +1,4 @@
-"""The command line of experiments/benchmark.py.
+"""The command line of benchmarks/run.py and experiments/benchmark.py.
 
   (no flag)      the full CPU plan (suite.full_plan) into results/: about an hour on 2 cores
   --quick        the demo ViT and ViT-Ti/16 only, a few minutes, into a temporary folder
@@ -25,9 +25,13 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from razor_jax.bench import records, render, suite, version
+from benchmarks import records, render, suite, version
 
 STAGES = ("compiled", "measured", "timed", "cosine")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "results")
+# The offline demo's pretrained ViT: its gradient cosines are measured on real digits.
+DEMO_CHECKPOINT = os.path.join(ROOT, "experiments", "assets", "vit_demo_digits.npz")
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -64,7 +68,8 @@ def _select(plan: suite.Plan, stages: Sequence[str], methods: Sequence[str]) -> 
   return dataclasses.replace(plan, **changes)
 
 
-def main(argv: Optional[Sequence[str]], results_dir: str, demo_checkpoint: str) -> int:
+def main(argv: Optional[Sequence[str]], results_dir: str = RESULTS_DIR,
+         demo_checkpoint: str = DEMO_CHECKPOINT) -> int:
   args = parse_args(argv)
   stages = [s for s in args.stages.split(",") if s]
   unknown = set(stages) - set(STAGES)

@@ -17,7 +17,7 @@ import numpy as np
 
 from razor_jax import memory as memory_analysis
 from razor_jax import packed
-from razor_jax.bench.cases import Case
+from benchmarks.cases import Case
 from razor_jax.memory import CompiledMemory
 from razor_jax.train import setup as train_setup
 from razor_jax.train import sharding
@@ -55,18 +55,26 @@ def build_model(case: Case):
 
 
 @functools.lru_cache(maxsize=32)
-def _build(case: Case, mesh) -> Built:
+def _build(case: Case, mesh, num_classes: Optional[int], batch_chunk: Optional[int]) -> Built:
   config = case.config()
-  model = train_setup.build_model(config, case.num_classes)
+  if batch_chunk is not None:
+    config.model.batch_chunk = batch_chunk
+  model = train_setup.build_model(config, num_classes or case.num_classes)
   tx, abstract, compiled = train_setup.compile_step(model, config, mesh)
   return Built(case, config, model, tx, abstract, compiled, mesh)
 
 
-def build(case: Case, mesh=None, *, cache: bool = True) -> Built:
+def build(case: Case, mesh=None, *, cache: bool = True, num_classes: Optional[int] = None,
+          batch_chunk: Optional[int] = None) -> Built:
   """The compiled step of `case`; kept for reuse (compiling dominates small benchmarks)
-  unless `cache` is False (a sweep over large models that compiles each once)."""
+  unless `cache` is False (a sweep over large models that compiles each once).
+
+  `num_classes` and `batch_chunk` replace the case's head size and the ViT's samples per
+  block slice (experiments/vit_memory.py); the step is the same otherwise.
+  """
   mesh = mesh or single_device_mesh()
-  return _build(case, mesh) if cache else _build.__wrapped__(case, mesh)
+  build_fn = _build if cache else _build.__wrapped__
+  return build_fn(case, mesh, num_classes, batch_chunk)
 
 
 def compiled_peak_bytes(case: Case, mesh=None, *, cache: bool = True) -> Optional[int]:

@@ -1,4 +1,4 @@
-"""Measured peak memory of one case, in a fresh process: `python -m razor_jax.bench.child CASE`.
+"""Measured peak memory of one case, in a fresh process: `python -m benchmarks.child CASE`.
 
 CASE is a Case as JSON. The process compiles the step, runs it on a fresh state and
 prints one line `RESULT {...}` with
@@ -35,11 +35,12 @@ from typing import Optional
 
 import jax
 
-from razor_jax.bench import step as bench_step
-from razor_jax.bench.cases import Case
+from benchmarks import step as bench_step
+from benchmarks.cases import Case
 from razor_jax.memory import device_peak_bytes
 
 RESULT_PREFIX = "RESULT "
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
@@ -112,7 +113,9 @@ def run_child(case, *, steps: int = 3, timeout_s: float = 1800, env=None) -> dic
   """
   env = dict(os.environ if env is None else env)
   env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
-  cmd = [sys.executable, "-m", "razor_jax.bench.child", json.dumps(case.to_json()),
+  # benchmarks/ is a folder of the checkout, not an installed package.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+  cmd = [sys.executable, "-m", "benchmarks.child", json.dumps(case.to_json()),
          "--steps", str(steps)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
                         check=False)

@@ -1,5 +1,9 @@
 """Evidence for razor_jax: memory, step time, bits, gradient fidelity and transfer accuracy.
 
+Not installed with razor_jax: run it from a checkout, `python benchmarks/run.py ...` (or
+`python experiments/benchmark.py ...`); results/ regenerates from it. It needs the
+`train` extra (it compiles the trainer's step) and `bench` (matplotlib) for the plots.
+
   cases.py     what one measurement is (model, batch, method) and its train config
   step.py      the trainer's compiled step for a case; packed bits by tracing
   child.py     measured peak in a fresh process (RSS on CPU, peak_bytes_in_use on GPU)
@@ -11,5 +15,6 @@
   render.py    README and plots from a results folder
   accuracy.py  the transfer-accuracy sweep on the offline demo
   version.py   the commit a figure was measured with
-  cli.py       the command line of experiments/benchmark.py
+  cli.py       the command line of run.py and experiments/benchmark.py
+  run.py       python benchmarks/run.py [--quick | --gpu | --render | --merge JSON] ...
 """

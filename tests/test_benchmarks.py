@@ -1,4 +1,4 @@
-"""The benchmarks/ suite: record format, a real mini run on the demo ViT, rendering, accuracy summary.
+"""benchmarks/: record format, a real mini run on the demo ViT, rendering, accuracy summary.
 
 The mini run compiles the demo ViT's train step for full fine-tuning and Back Razor@0.9
 (batch 64, 32 px), measures one of them in a fresh process, times both in turns and
@@ -84,6 +84,7 @@ def mini_run():
   return {r.label: r for r in suite.run(plan, say=lambda line: None)}
 
 
+@pytest.mark.slow
 def test_mini_run_gives_sane_numbers(mini_run):
   full, razor = mini_run["full"], mini_run["razor@0.9"]
   for r in (full, razor):

@@ -26,7 +26,8 @@ _GRADIENT = textwrap.dedent("""
     def kernel_grad(layer):
       params = layer.init(jax.random.key(1), x)
       return jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)["params"]["kernel"]
-    pruned = bool(jnp.any(kernel_grad(RazorDense(8)) != kernel_grad(RazorDense(8, prune_ratio=0.0))))
+    exact = kernel_grad(RazorDense(8, prune_ratio=0.0))
+    pruned = bool(jnp.any(kernel_grad(RazorDense(8)) != exact))
     loaded = sorted({name.split(".")[0] for name in sys.modules} & set(sys.argv[1:]))
     print(json.dumps({"pruned": pruned, "loaded": loaded, "file": razor_jax.__file__}))
 """)

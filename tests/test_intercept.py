@@ -73,6 +73,7 @@ def _exact():
   return _output_and_grads(Net())
 
 
+@pytest.mark.slow
 def test_forward_unchanged_and_weight_gradients_are_razor_layers():
   y, grads = _exact()
   razor_y, razor_grads = _output_and_grads(Net(), dict(prune_ratio=0.9))
@@ -134,6 +135,7 @@ def test_left_alone_subclasses_and_unsupported_configs():
     assert not np.allclose(_leaf(razor, path), _leaf(exact, path), rtol=1e-2, atol=1e-3), path
 
 
+@pytest.mark.slow
 def test_policy_per_op_type():
   """The attention entry of a policy reaches QK^T and softmax-V only."""
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16))
@@ -159,6 +161,30 @@ def test_policy_per_op_type():
   for name in ("query", "key", "value"):
     assert not same(attention_only[name]["kernel"], exact[name]["kernel"]), name
     assert not same(dense_only[name]["kernel"], full[name]["kernel"]), name
+
+
+def test_razorize_must_be_entered_inside_the_jitted_function():
+  """The documented pitfall: jit caches a trace made outside the block, exact; a block
+  entered inside the traced function prunes."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 32))
+  dense = nn.Dense(8)
+  params = dense.init(KEY, x)
+  grad = lambda p: jax.grad(lambda q: jnp.sum(dense.apply(q, x) ** 2))(p)["params"]["kernel"]
+  outside = jax.jit(grad)
+  exact = outside(params)  # traced here, with no razorize block
+  with razorize(0.9):
+    stale = outside(params)  # jit's cache: the exact trace runs again
+  chex.assert_trees_all_equal(stale, exact)
+
+  def inside(p):
+    with razorize(0.9):
+      return grad(p)
+  pruned = jax.jit(inside)(params)
+  assert not np.allclose(pruned, exact, rtol=1e-2, atol=1e-3)
+  # The same pruned gradient as the razor layer's, which needs no block at all.
+  chex.assert_trees_all_equal(
+      pruned, jax.jit(lambda p: jax.grad(lambda q: jnp.sum(
+          layers.RazorDense(8, prune_ratio=0.9).apply(q, x) ** 2))(p)["params"]["kernel"])(params))
 
 
 def _stack_depths():

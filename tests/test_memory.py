@@ -44,6 +44,7 @@ def dense_temp():
   return {scan: _temp_bytes(None, None, scan) for scan in (True, False)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan,bound", [(True, 0.35), (False, 0.45)])
 def test_razor_stack_compiles_to_a_fraction_of_dense(dense_temp, scan, bound):
   razor = _temp_bytes(PackSpec(0.9), "uint8", scan)

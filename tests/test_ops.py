@@ -208,12 +208,12 @@ def test_softmax_attend_gradient_keeps_the_logits_dtype():
 def test_softmax_in_float32_follows_flax():
   # flax's force_fp32_for_softmax keeps the weights float32, so weights @ v is float32.
   from flax.linen import attention as flax_attention
-  ks = jax.random.split(jax.random.PRNGKey(0), 2)
-  logits = jax.random.normal(ks[0], (2, 3, 5, 5)).astype(jnp.bfloat16)
-  v = jax.random.normal(ks[1], (2, 5, 3, 4)).astype(jnp.bfloat16)
-  weights = jax.nn.softmax(logits.astype(jnp.float32))
-  expected = jnp.einsum("...hqk,...khd->...qhd", weights, v)
-  assert flax_attention is not None and expected.dtype == jnp.float32
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(key, (2, 5, 3, 4)).astype(jnp.bfloat16) for key in ks)
+  expected = flax_attention.dot_product_attention(q, k, v, force_fp32_for_softmax=True)
+  assert expected.dtype == jnp.float32
+  # The logits as flax computes them inside dot_product_attention.
+  logits = ops.attention_logits(q / jnp.sqrt(4).astype(jnp.bfloat16), k, None)
   for spec in (None, ops.PackSpec(0.5)):
     out = ops.softmax_attend(logits, v, spec, softmax_in_float32=True)
     assert out.dtype == jnp.float32
@@ -221,3 +221,28 @@ def test_softmax_in_float32_follows_flax():
     grads = jax.grad(lambda a, b: jnp.sum(ops.softmax_attend(a, b, spec, softmax_in_float32=True)),
                      argnums=(0, 1))(logits, v)
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("name", ["dense", "logits", "attend", "layer_norm", "conv"])
+def test_int8_values_give_the_reference_gradients(name):
+  """Kept values stored as int8 steps of a per-sample scale: gradients as the reference's,
+  which prunes by a sort and rounds the kept values the same way."""
+  spec = PackSpec(0.9, value_format="int8")
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  cases = {
+      "dense": (ops.dense, ops.dense_reference, [(3, 5, 48), (48, 8), (8,)], {}),
+      "logits": (ops.attention_logits, ops.attention_logits_reference, [(2, 5, 3, 16)] * 2, {}),
+      "attend": (ops.softmax_attend, ops.softmax_attend_reference,
+                 [(2, 3, 5, 24), (2, 24, 3, 16)], {}),
+      "layer_norm": (ops.layer_norm, ops.layer_norm_reference, [(3, 5, 48), (48,), (48,)], {}),
+      "conv": (ops.conv, ops.conv_reference, [(2, 6, 6, 4), (3, 3, 4, 5), (5,)], kw),
+  }
+  op, ref, shapes, extra = cases[name]
+  args = [_rand(i, s, jnp.float32) for i, s in enumerate(shapes)]
+  grads = _check_op(lambda *a: op(*a, spec, **extra), lambda *a: ref(*a, spec, **extra),
+                    lambda *a: op(*a, None, **extra), args, jnp.float32)
+  # The rounding is real: the bf16 default stores other values.
+  bf16 = jax.vjp(lambda *a: op(*a, PackSpec(0.9), **extra), *args)[1](
+      _rand(99, jax.eval_shape(lambda *a: op(*a, None, **extra), *args).shape, jnp.float32))
+  assert any(not np.array_equal(g, h) for g, h in zip(jax.tree.leaves(grads),
+                                                       jax.tree.leaves(bf16)))

@@ -133,6 +133,7 @@ def test_other_value_formats_on_long_groups(value_format):
     _check_pack(x, 0.9, value_format=value_format)
 
 
+@pytest.mark.slow
 def test_pack_is_jit_and_vmap_safe():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 64))
   stored = jax.jit(lambda a: packed.pack(a, 0.9))(x)

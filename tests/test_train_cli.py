@@ -1,4 +1,4 @@
-"""experiments/finetune.py (razor_jax.train.cli): named configs, overrides, clean errors, the demo."""
+"""experiments/finetune.py (razor_jax.train.cli): named configs, overrides, errors, the demo."""
 import os
 import subprocess
 import sys
@@ -148,6 +148,7 @@ def test_missing_dataset_is_a_clean_error(capsys, tmp_path):
   assert "cars196" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_errors_exit_without_a_traceback(tmp_path):
   # The real entry point in a fresh process: one message, a non-zero status.
   env = dict(os.environ, PYTHONPATH=REPO)
@@ -160,6 +161,7 @@ def test_errors_exit_without_a_traceback(tmp_path):
   assert "error: batch_size must be divisible by the number of devices" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_fine_tunes_a_tiny_vit_end_to_end(capsys, tmp_path):
   """The demo config through the CLI on digits_demo, built on disk as TFRecords."""
   pytest.importorskip("tensorflow_datasets")

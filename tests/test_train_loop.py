@@ -104,6 +104,7 @@ def _steps(config, mesh, steps, compiled=None):
   return jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_baseline_learns(baseline):
   result, params, _ = baseline
   assert result["step"] == 12 and not result["preempted"]
@@ -112,6 +113,7 @@ def test_baseline_learns(baseline):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(baseline):
   config = train_config.complete(BASELINE)
   eight = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -129,6 +131,7 @@ def test_sharded_step_matches_single_device(baseline):
   chex.assert_trees_all_close(metrics8, metrics1, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch():
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   full = _steps(train_config.complete(tiny(prune_ratio=0.0)), mesh, steps=2)
@@ -137,6 +140,7 @@ def test_gradient_accumulation_matches_the_full_batch():
   chex.assert_trees_all_close(accumulated, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(baseline, tmp_path):
   result, params, _ = baseline
   first = train.run(tiny(), str(tmp_path), datasets=SyntheticData(), stop_at_step=6)
@@ -174,6 +178,7 @@ def _finished_steps(workdir):
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+@pytest.mark.slow
 def test_sigkill_restarts_from_last_complete_checkpoint(baseline, compile_cache, tmp_path):
   _, params, _ = baseline
   workdir, cache = str(tmp_path / "run"), compile_cache
@@ -196,6 +201,7 @@ def test_sigkill_restarts_from_last_complete_checkpoint(baseline, compile_cache,
   chex.assert_trees_all_equal(checkpoint.load_params(workdir), params)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops(compile_cache, tmp_path):
   workdir = str(tmp_path / "run")
   child = _child(tiny(), workdir, delay=0.4, cache_dir=compile_cache)
@@ -211,6 +217,7 @@ def test_sigterm_saves_and_stops(compile_cache, tmp_path):
   assert _finished_steps(workdir)[-1] == result["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_batch_size_one_trains(optimizer, tmp_path):
   lr = {"sgd": 0.05, "adam": 0.003}[optimizer]
@@ -223,6 +230,7 @@ def test_batch_size_one_trains(optimizer, tmp_path):
   assert result["eval/accuracy"] > 0.5, result  # 4 classes: chance is 0.25
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Batches from index 5 on are NaN: update 6 diverges; the checkpoint of step 4 is good.
   with pytest.raises(train.NonFiniteLossError, match=r"diverged at step 6.*step 4"):
@@ -244,6 +252,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_params():
   assert logits.dtype == jnp.float32  # the loss is computed in float32 whatever the dtype
 
 
+@pytest.mark.slow
 def test_metrics_are_json_lines_and_tensorboard_events(baseline):
   workdir = baseline[2]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -254,6 +263,7 @@ def test_metrics_are_json_lines_and_tensorboard_events(baseline):
   assert any(name.startswith("events.out.tfevents") for name in events), events
 
 
+@pytest.mark.slow
 def test_memory_report_compares_with_full_finetuning(baseline):
   result, _, workdir = baseline
   # Both are reported; at this toy size packing overheads can outweigh the saving (the
@@ -263,6 +273,7 @@ def test_memory_report_compares_with_full_finetuning(baseline):
   assert first["memory/full_finetuning_peak_bytes"] == result["full_finetuning_peak_bytes"]
 
 
+@pytest.mark.slow
 def test_starts_from_a_public_format_checkpoint(baseline, tmp_path):
   from razor_jax.models.vit import export  # pylint: disable=g-import-not-at-top
   _, params, _ = baseline

@@ -11,11 +11,11 @@ flax names an unnamed submodule after its class, so a RazorDense in a compact
 parent is "RazorDense_0" where nn.Dense was "Dense_0": pass `name=` to keep the
 parent's param tree, or leave the model alone and use `razorize()`.
 
-The module-level `razor_dense`, `razor_dense_general`, `razor_layer_norm`,
-`razor_conv` and `razor_mha` functions take the module as their first argument and only read its fields and
-call `m.param` / `m.sow` / `m.make_rng`, so `razorize()` runs them on unmodified
-flax modules too. They raise `UnsupportedConfigError` before touching any state
-when a configuration has no razor version.
+The module-level `razor_dense`, `razor_dense_general`, `razor_layer_norm`, `razor_conv`
+and `razor_mha` functions take the module as their first argument and only read its
+fields and call `m.param` / `m.sow` / `m.make_rng`, so `razorize()` runs them on
+unmodified flax modules too. They raise `UnsupportedConfigError` before touching any
+state when a configuration has no razor version.
 """
 from __future__ import annotations
 

@@ -529,7 +529,8 @@ def _conv(x, kernel, bias, conv_kwargs, spec):
 
 def _conv_fwd(x, kernel, bias, conv_kwargs, spec):
   x_packed = spec.pack(x)
-  return barriers.depend(_conv_plain(x, kernel, bias, conv_kwargs), x_packed), (x_packed, kernel, bias)
+  y = _conv_plain(x, kernel, bias, conv_kwargs)
+  return barriers.depend(y, x_packed), (x_packed, kernel, bias)
 
 
 def _conv_bwd(conv_kwargs, spec, res, g):

@@ -242,7 +242,10 @@ def threshold(x: jax.Array, k: int):
 
 
 def topk_words(x: jax.Array, k: int) -> jax.Array:
-  """Bitmask (`codecs.bitmask`) of exactly k largest |x| per row of the 2-D `x`; ties keep the first."""
+  """Bitmask (`codecs.bitmask`) of exactly the k largest |x| per row of the 2-D `x`.
+
+  Ties keep the lowest positions.
+  """
   t, cut = threshold(x, k)
 
   def kept(x, t, cut):

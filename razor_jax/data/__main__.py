@@ -1,4 +1,7 @@
-"""Prepares a dataset ahead of time: `python -m razor_jax.data NAME [--data_dir DIR] [--manual_dir DIR]`."""
+"""Prepares a dataset ahead of time.
+
+  python -m razor_jax.data NAME [--data_dir DIR] [--manual_dir DIR]
+"""
 import argparse
 import sys
 

@@ -7,12 +7,12 @@ The architecture and parameter tree are those of vit_jax's linen `VisionTransfor
 output matches the reference at any prune ratio.
 
 Inside each encoder block every activation the backward needs is stored pruned:
-LayerNorm inputs and the projections they feed share one packed copy (see
-`block_ops`), then q and k, the attention probabilities and v, the out-projection
-input, and the fc2 input; GELU keeps its 8-bit derivative. The patch embedding (a
-plain nn.Conv) and the head stay exact, as in the paper. The knob is the layers' (`razor_jax.policy`): `prune_ratio` (default 0.9) or
-a `policy`; with nothing pruned (`prune_ratio=0.0`, `Policy(0.0)`) the model is plain
-autodiff: full fine-tuning.
+LayerNorm inputs and the projections they feed share one packed copy (see `block_ops`),
+then q and k, the attention probabilities and v, the out-projection input, and the fc2
+input; GELU keeps its 8-bit derivative. The patch embedding (a plain nn.Conv) and the
+head stay exact, as in the paper. The knob is the layers' (`razor_jax.policy`):
+`prune_ratio` (default 0.9) or a `policy`; with nothing pruned (`prune_ratio=0.0`,
+`Policy(0.0)`) the model is plain autodiff: full fine-tuning.
 
 Blocks are scanned by default: their params are stacked under `encoderblock` (made
 by nn.scan at init), and the forward and backward run them through

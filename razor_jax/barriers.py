@@ -1,10 +1,18 @@
 """Scheduling barriers: what keeps XLA from fusing, deferring or hoisting the residuals.
 
-These are not compression. `depend` ties a value to others by a data dependency that
-changes no bit of it; `materialize` computes a value in full where it is called (a
-conditional is a fusion boundary); both rest on `never_true`, a predicate that is
-always false but that no XLA pass can fold. The razor ops use them so that the saving
-visible in the jaxpr is the one XLA allocates (README, "What makes the saving real").
+These are not compression. `depend` ties a value to others; `materialize` computes a
+value in full where it is called; `zeros_after` makes a zero buffer that cannot exist
+before its anchor. The razor ops use them so that the saving visible in the jaxpr is
+the one XLA allocates (README, "What makes the saving real").
+
+Each lowers per platform (`lax.platform_dependent`, decided when the program is
+lowered, so an XLA:GPU compile from a CPU process gets the GPU form):
+  - XLA:GPU honours `lax.optimization_barrier` through fusion and scheduling, and a
+    conditional there costs a host round trip (the predicate is read by the host
+    unless the conditional runs in a CUDA graph), so the GPU forms are barriers.
+  - XLA:CPU expands optimization barriers before fusion, where they hold nothing; the
+    CPU forms use a conditional or a select on `never_true`, a predicate that is
+    always false but that no XLA pass folds.
 """
 from __future__ import annotations
 
@@ -25,23 +33,35 @@ def never_true(anchor: jax.Array) -> jax.Array:
   return lax.population_count(a) > bits
 
 
+def _any_never(leaves):
+  never = never_true(leaves[0])
+  for leaf in leaves[1:]:
+    never = never | never_true(leaf)
+  return never
+
+
 def depend(x, *anchors):
   """`x` (an array or a pytree), unchanged bit for bit, but computed only after every leaf of `anchors`.
 
   XLA's scheduler places each op by data dependencies alone. Two placements keep dense
   activations alive and undo the saving: a residual's packing deferred until the
   backward needs it (its dense input then lives through the whole forward), and
-  backward-only buffers (the unpacked copy, a scatter's zeros) hoisted to the start.
-  Tying the forward output to the packed residual, and the unpacking to the
-  cotangent, pins both where they belong.
+  backward-only buffers (the unpacked copy) hoisted to the start. Tying the forward
+  output to the packed residual, and the unpacking to the cotangent, pins both where
+  they belong.
   """
-  never = None
-  for leaf in jax.tree.leaves(anchors):
-    cond = never_true(leaf)
-    never = cond if never is None else never | cond
-  if never is None:
+  leaves = [a for a in jax.tree.leaves(anchors) if a.size]
+  if not leaves or not jax.tree.leaves(x):
     return x
-  return jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), x)
+
+  def on_cpu(x, leaves):
+    never = _any_never(leaves)
+    return jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), x)
+
+  def on_gpu(x, leaves):
+    return lax.optimization_barrier((x, leaves))[0]
+
+  return lax.platform_dependent(x, leaves, cpu=on_cpu, default=on_gpu)
 
 
 def materialize(fn, *args):
@@ -50,8 +70,26 @@ def materialize(fn, *args):
   XLA duplicates cheap elementwise producers into their consumers. A residual such as
   an 8-bit copy, built elementwise from a dense activation, would then be rebuilt
   inside the backward from the dense activation, which stays alive for it. A
-  conditional is a fusion boundary; its predicate is one that XLA cannot fold.
+  conditional (CPU) or an optimization barrier (GPU) is a fusion boundary.
   """
   out = jax.eval_shape(fn, *args)
   zeros = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
-  return lax.cond(never_true(jax.tree.leaves(args)[0]), zeros, fn, *args)
+
+  def on_cpu(*args):
+    return lax.cond(never_true(jax.tree.leaves(args)[0]), zeros, fn, *args)
+
+  def on_gpu(*args):
+    return lax.optimization_barrier(fn(*args))
+
+  return lax.platform_dependent(*args, cpu=on_cpu, default=on_gpu)
+
+
+def zeros_after(shape, dtype, anchor: jax.Array) -> jax.Array:
+  """Zeros of `shape` computed from `anchor`, so they cannot be allocated before it.
+
+  A constant broadcast, even one fed to a barrier, is a buffer XLA may create at any
+  point before its use, which keeps a dense buffer alive through the layers before it;
+  a select on `never_true` makes the zeros a function of the anchor on every platform.
+  """
+  zero = jnp.where(never_true(anchor), 1, 0).astype(dtype)
+  return jnp.broadcast_to(zero, shape)

@@ -26,7 +26,9 @@ from razor_jax.ops import PackSpec
 
 
 def _plain(x, scale, bias, kernels, biases, eps, precision):
-  y = ops.layer_norm_plain(x, scale, bias, eps)
+  # The LayerNorm params in x's dtype here, as the kernels in ops.dense_general_plain:
+  # residuals hold the params themselves, not per-layer cast copies.
+  y = ops.layer_norm_plain(x, scale.astype(x.dtype), bias.astype(x.dtype), eps)
   return ops.dense_multi_plain(y, kernels, biases, (x.ndim - 1,), precision)
 
 
@@ -41,10 +43,12 @@ def _ln_project(x, scale, bias, kernels, biases, eps, spec, precision):
 
 def _ln_project_fwd(x, scale, bias, kernels, biases, eps, spec, precision):
   mean, var = ops.layer_norm_stats(x)
-  y = ops.layer_norm_apply(x, mean, var, scale, bias, eps)
+  y = ops.layer_norm_apply(x, mean, var, scale.astype(x.dtype), bias.astype(x.dtype), eps)
   outs = ops.dense_multi_plain(y, kernels, biases, (x.ndim - 1,), precision)
   rstd = lax.rsqrt(var + eps)
-  x_packed = spec.pack(_x_hat(x, mean, rstd))
+  # x_hat in x's dtype: its stored values are rounded to 4 or 8 bits or bfloat16 anyway,
+  # and a bfloat16 model then unpacks half the bytes in the backward.
+  x_packed = spec.pack(_x_hat(x, mean, rstd).astype(x.dtype))
   res = (x_packed, rstd, scale, bias, kernels, biases, jnp.zeros((0,), y.dtype),
          jnp.zeros((0,), x.dtype))
   return barriers.depend(outs, x_packed), res
@@ -115,7 +119,7 @@ def layer_norm_dense_multi_reference(x, scale, bias, kernels, biases,
   sg = lax.stop_gradient
   mean, var = ops.layer_norm_stats(sg(x))
   rstd = lax.rsqrt(var + epsilon)
-  x_hat = sg(spec.prune_reference(_x_hat(sg(x), mean, rstd)).astype(jnp.float32))
+  x_hat = sg(spec.prune_reference(_x_hat(sg(x), mean, rstd).astype(x.dtype)).astype(jnp.float32))
   x32 = x.astype(jnp.float32)
   # Linear in x with the LayerNorm Jacobian at the pruned x_hat (see ops.layer_norm_reference).
   lin = rstd[..., None] * (x32 - x32.mean(-1, keepdims=True)

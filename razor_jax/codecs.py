@@ -9,6 +9,14 @@ Values are bfloat16 numbers in 15 bits (`encode_bf16`: sign, exponent relative t
 the group's largest, 7 mantissa bits in bit planes), or int8 steps of a per-group
 scale (`encode_int8`).
 
+Token rows (`packed.RowPacked`) store their increasing positions Elias-Fano coded
+per row (`row_ef_encode`, about 0.55 bits per element at 10% kept) or as b-bit
+indices in bit planes, and their values in 4 bits (`encode_log4`: sign and a 3-bit
+level, zero or one of 7 steps of a geometric scale between the row's smallest and
+largest kept magnitude, which at 10% kept span a narrow range), int8 or bfloat16.
+Their codes are built by reductions over the few words of a row rather than by
+scatters or prefix sums: on GPU each pass over an activation is a kernel launch.
+
 Why the code looks the way it does (XLA:CPU, measured with experiments/): the
 bitmask is packed from 8 contiguous slices into bytes (vectorized) rather than from
 the 32 minor bits of each word; compaction gathers the K values through a per-slot
@@ -116,7 +124,7 @@ def _prefix_sum(a: jax.Array, bound: int) -> jax.Array:
   return barriers.materialize(blocks, a).reshape(groups, -1)[:, :length]
 
 
-def _select_in_word(w: jax.Array, r: jax.Array) -> jax.Array:
+def select_in_word(w: jax.Array, r: jax.Array) -> jax.Array:
   """Index of the (r+1)-th set bit of each uint32 `w` (r < popcount(w)), by halving."""
   pos = jnp.zeros(r.shape, jnp.int32)
   for half in (16, 8, 4, 2, 1):
@@ -159,7 +167,7 @@ def select_bits(words: jax.Array, count: int):
   def indices(owner, start, words, total):
     slot = jnp.arange(count, dtype=jnp.int32)[None, :]
     rank = slot - jnp.take_along_axis(start, owner, axis=1)
-    bit = _select_in_word(jnp.take_along_axis(words, owner, axis=1), rank)
+    bit = select_in_word(jnp.take_along_axis(words, owner, axis=1), rank)
     valid = slot < total[:, None]
     return jnp.where(valid, owner * 32 + bit, 0), valid
 
@@ -196,7 +204,7 @@ def _row_max_u8(a: jax.Array) -> jax.Array:
   return jnp.max(per256.astype(jnp.int32), axis=1)
 
 
-def _pack_planes(v: jax.Array, nbits: int) -> jax.Array:
+def pack_planes(v: jax.Array, nbits: int) -> jax.Array:
   """(groups, K) small unsigned ints -> (groups, nbits * ceil(K / 8)) uint8 bit planes.
 
   Plane p is bytes [p B, (p + 1) B) with B = ceil(K / 8); value j of a row is bit
@@ -220,8 +228,8 @@ def _pack_planes(v: jax.Array, nbits: int) -> jax.Array:
   return barriers.materialize(planes, v).reshape(groups, -1)
 
 
-def _unpack_planes(planes: jax.Array, nbits: int, k: int) -> jax.Array:
-  """Inverse of `_pack_planes`: (groups, K) int32."""
+def unpack_planes(planes: jax.Array, nbits: int, k: int) -> jax.Array:
+  """Inverse of `pack_planes`: (groups, K) int32."""
   groups = planes.shape[0]
 
   def values(planes):
@@ -238,7 +246,7 @@ def encode_bf16(kept: jax.Array) -> jax.Array:
   """bfloat16(kept) in 15 bits per value, as one uint8 payload per group.
 
   Payload: [base, K bytes of sign << 7 | relative exponent, 7 bit planes of the
-  mantissas (see `_pack_planes`)]. Exponents are stored relative to base = (the
+  mantissas (see `pack_planes`)]. Exponents are stored relative to base = (the
   row's largest finite exponent) - 125: code 1..126 is exponent base..base+125,
   0 is zero and 127 is inf/NaN (exponent 255). Kept magnitudes are all >= the
   threshold, so in practice they span a few binades; only a row whose kept values
@@ -254,7 +262,7 @@ def encode_bf16(kept: jax.Array) -> jax.Array:
   # The mantissa of a flushed value is left as it was (decoding ignores it), so the
   # planes do not depend on the row's maximum.
   code = ((sign << 7) | rel).astype(jnp.uint8)
-  planes = _pack_planes(mant, _MANTISSA_BITS)
+  planes = pack_planes(mant, _MANTISSA_BITS)
   return jnp.concatenate([base.astype(jnp.uint8), code, planes], axis=1)
 
 
@@ -263,7 +271,7 @@ def decode_bf16(payload: jax.Array, k: int) -> jax.Array:
   groups = payload.shape[0]
   base = payload[:, :1].astype(jnp.int32)
   code = payload[:, 1:1 + k].astype(jnp.int32)
-  mant = _unpack_planes(payload[:, 1 + k:], _MANTISSA_BITS, k)
+  mant = unpack_planes(payload[:, 1 + k:], _MANTISSA_BITS, k)
   sign, rel = code >> 7, code & 127
   exp = jnp.where(rel == _REL_SPECIAL, 255, base + rel - 1)
   bits = jnp.where(rel == _REL_ZERO, sign << 15, (sign << 15) | (exp << 7) | mant)
@@ -316,7 +324,7 @@ def ef_encode(index: jax.Array, group_size: int) -> jax.Array:
   upper = _set_bits((index >> low) + jnp.arange(k, dtype=jnp.int32)[None, :], upper_words)
   if not low:
     return upper
-  planes = _pack_planes(index & ((1 << low) - 1), low)
+  planes = pack_planes(index & ((1 << low) - 1), low)
   planes = jnp.pad(planes, ((0, 0), (0, 4 * low_words - planes.shape[1])))
   planes = lax.bitcast_convert_type(planes.reshape(groups, low_words, 4), jnp.uint32)
   return jnp.concatenate([upper, planes], axis=1)
@@ -330,5 +338,126 @@ def ef_decode(code: jax.Array, group_size: int, k: int) -> jax.Array:
   index = (at - jnp.arange(k, dtype=jnp.int32)[None, :]) << low
   if low:
     planes = lax.bitcast_convert_type(code[:, upper_words:], jnp.uint8).reshape(groups, -1)
-    index = index | _unpack_planes(planes[:, :low * -(-k // 8)], low, k)
+    index = index | unpack_planes(planes[:, :low * -(-k // 8)], low, k)
   return _set_bits(index, bitmask_words(group_size))
+
+
+# ----------------------------------------------------------------- token rows
+
+def row_ef_layout(n: int, k: int) -> tuple[int, int, int]:
+  """(low bits L, upper words, bytes) of the Elias-Fano code of k increasing positions < n.
+
+  Each position keeps its L = floor(log2(n / k)) low bits in bit planes; its high part
+  h is bit h + i of an upper bit vector (unary gaps): about k (L + 2) + n / 2**L bits.
+  """
+  low = max(0, int(math.floor(math.log2(n / k))))
+  upper_words = -(-(k + ((n - 1) >> low) + 1) // 32)
+  return low, upper_words, 4 * upper_words + low * -(-k // 8)
+
+
+def row_ef_encode(pos: jax.Array, n: int) -> jax.Array:
+  """uint8 (rows, bytes) Elias-Fano code of the increasing positions (rows, k) int32.
+
+  Each upper word is a sum over the k bits of the row (distinct bits: the sum is their
+  OR), one reduction for the whole array instead of a scatter.
+  """
+  rows, k = pos.shape
+  low, upper_words, _ = row_ef_layout(n, k)
+  bit = (pos >> low) + jnp.arange(k, dtype=jnp.int32)[None, :]
+  word = jnp.arange(upper_words, dtype=jnp.int32)[None, :, None]
+  ones = jnp.uint32(1) << (bit & 31).astype(jnp.uint32)
+  upper = jnp.sum(jnp.where((bit >> 5)[:, None, :] == word, ones[:, None, :], jnp.uint32(0)),
+                  axis=2, dtype=jnp.uint32)
+  code = lax.bitcast_convert_type(upper, jnp.uint8).reshape(rows, -1)
+  if low:
+    code = jnp.concatenate([code, pack_planes(pos & ((1 << low) - 1), low)], axis=1)
+  return code
+
+
+def row_ef_decode(code: jax.Array, n: int, k: int) -> jax.Array:
+  """The increasing positions (rows, k) int32 coded by `row_ef_encode`.
+
+  The i-th set bit of the upper words lies in the first word whose inclusive prefix
+  count exceeds i (a compare-count over the few words of a row), at the (i - count
+  before that word)-th set bit of it (`select_in_word`).
+  """
+  rows = code.shape[0]
+  low, upper_words, _ = row_ef_layout(n, k)
+  upper = lax.bitcast_convert_type(code[:, :4 * upper_words].reshape(rows, upper_words, 4),
+                                   jnp.uint32)
+  count = lax.population_count(upper).astype(jnp.int32)
+  tri = jnp.arange(upper_words)[:, None] <= jnp.arange(upper_words)[None, :]
+  inclusive = jnp.sum(jnp.where(tri[None], count[:, :, None], 0), axis=1)
+  i = jnp.arange(k, dtype=jnp.int32)[None, :]
+  word = jnp.sum((inclusive[:, None, :] <= i[:, :, None]).astype(jnp.int32), axis=2)
+  word = jnp.minimum(word, upper_words - 1)
+  start = jnp.take_along_axis(inclusive - count, word, axis=1)
+  bit = select_in_word(jnp.take_along_axis(upper, word, axis=1), i - start)
+  pos = (word * 32 + bit - i) << low
+  if low:
+    pos = pos | unpack_planes(code[:, 4 * upper_words:], low, k)
+  return pos
+
+
+def encode_log4(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """4 bits per kept value: its sign and a 3-bit level on a geometric scale per row.
+
+  Level 0 is an exact zero (a row with fewer than K nonzeros keeps some); level q in
+  1..7 stands for lo * (hi / lo) ** ((q - 1) / 6), with lo and hi the row's smallest
+  nonzero and largest kept magnitude (rounded to bfloat16), rounded to the nearest
+  level in log space: at most (hi / lo) ** (1 / 12) - 1 relative error, 5.9% when the
+  kept magnitudes span a factor of 2 (they span a narrow range at 10% kept).
+
+  Returns:
+    (uint8 (rows, ceil(K / 2)): two codes a byte, low nibble first;
+     bfloat16 (rows, 2): [lo, hi]).
+  """
+  a = jnp.abs(kept).astype(jnp.float32)
+  hi = jnp.max(a, axis=1)
+  lo = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1)
+  lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
+  ends = jnp.stack([lo, hi], axis=1).astype(jnp.bfloat16)
+  lo, hi = ends[:, 0].astype(jnp.float32), ends[:, 1].astype(jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+  step = jnp.log(jnp.maximum(hi, tiny) / jnp.maximum(lo, tiny)) / 6.0
+  level = jnp.log(jnp.maximum(a, tiny) / jnp.maximum(lo, tiny)[:, None])
+  q = jnp.clip(jnp.round(level / jnp.where(step > 0, step, 1.0)[:, None]), 0, 6) + 1
+  q = jnp.where(a > 0, q, 0).astype(jnp.uint8)
+  code = q | (jnp.signbit(kept).astype(jnp.uint8) << 3)
+  code = jnp.pad(code, ((0, 0), (0, code.shape[1] % 2)))
+  return code[:, 0::2] | (code[:, 1::2] << 4), ends
+
+
+def decode_log4(codes: jax.Array, ends: jax.Array, k: int) -> jax.Array:
+  """float32 (rows, K) from `encode_log4`'s codes and row ends."""
+  both = jnp.stack([codes & 15, codes >> 4], axis=2).reshape(codes.shape[0], -1)[:, :k]
+  lo, hi = ends[:, 0:1].astype(jnp.float32), ends[:, 1:2].astype(jnp.float32)
+  ratio = jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), 1.0)
+  level = (both & 7).astype(jnp.float32)
+  magnitude = jnp.where(level > 0, lo * ratio ** ((level - 1.0) / 6.0), 0.0)
+  return jnp.where((both & 8) != 0, -magnitude, magnitude)
+
+
+def to_bytes(parts, rows: int) -> jax.Array:
+  """The arrays `parts` (leading axis `rows`) as one uint8 (rows, total bytes) array."""
+  out = []
+  for a in parts:
+    a = a.reshape(rows, -1)
+    if a.dtype.itemsize > 1 or a.dtype != jnp.uint8:
+      a = lax.bitcast_convert_type(a, jnp.uint8).reshape(rows, -1)
+    out.append(a)
+  return jnp.concatenate(out, axis=1)
+
+
+def from_bytes(data: jax.Array, layout) -> list:
+  """Inverse of `to_bytes`: arrays of `layout` ((per-row shape, dtype), ...) from `data`."""
+  rows, offset, parts = data.shape[0], 0, []
+  for shape, dtype in layout:
+    dtype = jnp.dtype(dtype)
+    width = math.prod(shape) * dtype.itemsize
+    raw = data[:, offset:offset + width]
+    offset += width
+    if dtype.itemsize > 1:
+      raw = raw.reshape(rows, -1, dtype.itemsize)
+    parts.append(lax.bitcast_convert_type(raw, dtype).reshape((rows,) + tuple(shape)))
+  return parts

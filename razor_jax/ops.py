@@ -21,7 +21,9 @@ from jax import lax
 
 from razor_jax import barriers, packed
 
-GELU_FORMATS = ("uint8", "bfloat16")
+GELU_FORMATS = ("uint8", "uint4", "uint2", "bfloat16")
+# Bits of the derivative code per GELU format that codes the derivative.
+_GELU_CODE_BITS = {"uint8": 8, "uint4": 4, "uint2": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +44,25 @@ class PackSpec:
       raise ValueError(
           f"position_format must be one of {packed.POSITION_FORMATS},"
           f" got {self.position_format!r}")
+    packed.check_formats(self.granularity, self.value_format, self.position_format)
 
   @property
   def exact(self) -> bool:
     return self.prune_ratio == 0.0
 
-  def pack(self, x):
-    """The packed residual, built in full during the forward (see barriers.materialize)."""
+  def pack(self, x, row_ndim: int = 1):
+    """The packed residual, built in full during the forward (see barriers.materialize).
+
+    `row_ndim` trailing axes of x make a token's row (granularity "token").
+    """
     return barriers.materialize(
         lambda a: packed.pack(a, self.prune_ratio, self.granularity,
-                                value_format=self.value_format,
-                                position_format=self.position_format), x)
+                              value_format=self.value_format,
+                              position_format=self.position_format, row_ndim=row_ndim), x)
 
-  def prune_reference(self, x):
-    return packed.prune_reference(x, self.prune_ratio, self.granularity, self.value_format)
+  def prune_reference(self, x, row_ndim: int = 1):
+    return packed.prune_reference(x, self.prune_ratio, self.granularity, self.value_format,
+                                  row_ndim)
 
 
 def is_exact(spec: Optional[PackSpec]) -> bool:
@@ -98,8 +105,21 @@ def canonical_axes(axis, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
+def row_ndim(axes, ndim: int) -> int:
+  """A token's row for "token" pruning of a dense input: its contracted axes when they
+  are the trailing ones (the out-projection contracts heads and head features)."""
+  return len(axes) if tuple(axes) == tuple(range(ndim - len(axes), ndim)) else 1
+
+
 def dense_general_plain(x, kernel, bias, axes, precision):
-  """flax DenseGeneral's computation contracting the sorted `axes` of x (no pruning)."""
+  """flax DenseGeneral's computation contracting the sorted `axes` of x (no pruning).
+
+  The kernel and bias are cast to x's dtype here, inside the custom VJPs: a residual
+  then holds the param itself (in a scanned model a slice of the stacked params, which
+  the scan does not copy) instead of a cast copy of every layer's kernels.
+  """
+  kernel = kernel.astype(x.dtype)
+  bias = None if bias is None else bias.astype(x.dtype)
   n = len(axes)
   y = lax.dot_general(x, kernel, ((axes, tuple(range(n))), ((), ())), precision=precision)
   if bias is not None:
@@ -121,7 +141,7 @@ def _dense_multi(x, kernels, biases, axes, spec, precision):
 def _dense_multi_fwd(x, kernels, biases, axes, spec, precision):
   out = dense_multi_plain(x, kernels, biases, axes, precision)
   # One packed copy of x serves every projection that reads it (q, k and v).
-  x_packed = spec.pack(x)
+  x_packed = spec.pack(x, row_ndim(axes, x.ndim))
   return barriers.depend(out, x_packed), (x_packed, kernels, biases)
 
 
@@ -180,7 +200,7 @@ def dense_general_reference(x, kernel, bias, spec: Optional[PackSpec], axis=-1, 
   exact = dense_general_plain(x, kernel, bias, axes, precision)
   if is_exact(spec):
     return exact
-  x_st = _straight_through(x, spec.prune_reference(x))
+  x_st = _straight_through(x, spec.prune_reference(x, row_ndim(axes, jnp.ndim(x))))
   return with_value_of(exact, dense_general_plain(x_st, kernel, bias, axes, precision))
 
 
@@ -201,7 +221,8 @@ def _qk(q, k, spec, precision):
 
 
 def _qk_fwd(q, k, spec, precision):
-  res = (spec.pack(q), spec.pack(k))
+  # A token's row: all heads' features (q and k are (..., tokens, heads, features)).
+  res = (spec.pack(q, 2), spec.pack(k, 2))
   return barriers.depend(_qk_plain(q, k, precision), res), res
 
 
@@ -228,8 +249,8 @@ def attention_logits_reference(q, k, spec: Optional[PackSpec], precision=None):
   exact = _qk_plain(q, k, precision)
   if is_exact(spec):
     return exact
-  q_st = _straight_through(q, spec.prune_reference(q))
-  k_st = _straight_through(k, spec.prune_reference(k))
+  q_st = _straight_through(q, spec.prune_reference(q, 2))
+  k_st = _straight_through(k, spec.prune_reference(k, 2))
   return with_value_of(exact, _qk_plain(q_st, k_st, precision))
 
 
@@ -254,7 +275,8 @@ def _softmax_pv(logits, v, spec, precision, softmax_in_float32):
 
 def _softmax_pv_fwd(logits, v, spec, precision, softmax_in_float32):
   p = _softmax(logits, v.dtype, softmax_in_float32)
-  res = (spec.pack(p), spec.pack(v), jnp.zeros((0,), logits.dtype))
+  # Rows: one query's probabilities over the keys; v, as q and k, a token's features.
+  res = (spec.pack(p), spec.pack(v, 2), jnp.zeros((0,), logits.dtype))
   return barriers.depend(_pv_plain(p, v, precision), res[:2]), res
 
 
@@ -294,7 +316,7 @@ def softmax_attend_reference(logits, v, spec: Optional[PackSpec], precision=None
   l32 = logits.astype(jnp.float32)
   lin = p_pruned * l32 - p_pruned * jnp.sum(p_pruned * l32, axis=-1, keepdims=True)
   p_st = with_value_of(p_pruned, lin).astype(p.dtype)
-  v_st = _straight_through(v, spec.prune_reference(v))
+  v_st = _straight_through(v, spec.prune_reference(v, 2))
   return with_value_of(exact, _pv_plain(p_st, v_st, precision))
 
 
@@ -405,9 +427,11 @@ def layer_norm_reference(x, scale, bias, spec: Optional[PackSpec], epsilon: floa
 
 # ----------------------------------------------------------------- gelu
 
-# gelu'(x) lies in [-0.17, 1.13] for both forms; 8 bits over that range give a step
-# of 0.0051, finer than 8-bit storage of the input itself (whose derivative error
-# grows with the input's range).
+# gelu'(x) lies in [-0.17, 1.13] for both forms; b-bit codes of the derivative over
+# that range have a step of 1.3 / (2**b - 1): 0.0051 at 8 bits, finer than 8-bit storage
+# of the input itself (whose derivative error grows with the input's range); 0.087 at
+# 4 bits and 0.43 at 2 bits (levels -0.17, 0.26, 0.70, 1.13: the regions where the
+# unit is off, near its dip, half on and on).
 _DGELU_LO, _DGELU_HI = -0.1702, 1.1290
 
 
@@ -416,13 +440,36 @@ def _gelu_grad(x, approximate):
       x.reshape(-1)).reshape(x.shape)
 
 
-def _quantize_dgelu(d):
-  q = jnp.round((d - _DGELU_LO) * (255.0 / (_DGELU_HI - _DGELU_LO)))
-  return jnp.clip(q, 0, 255).astype(jnp.uint8)
+def _quantize_dgelu(d, bits: int = 8):
+  levels = (1 << bits) - 1
+  q = jnp.round((d - _DGELU_LO) * (levels / (_DGELU_HI - _DGELU_LO)))
+  return jnp.clip(q, 0, levels).astype(jnp.uint8)
 
 
-def _dequantize_dgelu(q):
-  return q.astype(jnp.float32) * ((_DGELU_HI - _DGELU_LO) / 255.0) + _DGELU_LO
+def _dequantize_dgelu(q, bits: int = 8):
+  return q.astype(jnp.float32) * ((_DGELU_HI - _DGELU_LO) / ((1 << bits) - 1)) + _DGELU_LO
+
+
+def _pack_codes(q, bits: int):
+  """uint8 codes of `bits` bits, 8 // bits to a byte along the flattened array (padded)."""
+  per = 8 // bits
+  flat = q.reshape(-1)
+  flat = jnp.pad(flat, (0, (-flat.size) % per)).reshape(-1, per)
+  out = flat[:, 0]
+  for j in range(1, per):
+    out = out | (flat[:, j] << (bits * j))
+  return out
+
+
+def _unpack_codes(codes, bits: int, shape):
+  per = 8 // bits
+  shifts = (bits * jnp.arange(per, dtype=jnp.uint8))[None, :]
+  q = (codes[:, None] >> shifts) & ((1 << bits) - 1)
+  return q.reshape(-1)[:math.prod(shape)].reshape(shape)
+
+
+def _dgelu_codes(x, approximate, bits: int):
+  return _pack_codes(_quantize_dgelu(_gelu_grad(x.astype(jnp.float32), approximate), bits), bits)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -432,9 +479,9 @@ def _gelu(x, approximate, storage):
 
 def _gelu_fwd(x, approximate, storage):
   y = jax.nn.gelu(x, approximate=approximate)
-  if storage == "uint8":
-    res = barriers.materialize(
-        lambda a: _quantize_dgelu(_gelu_grad(a.astype(jnp.float32), approximate)), x)
+  if storage in _GELU_CODE_BITS:
+    bits = _GELU_CODE_BITS[storage]
+    res = barriers.materialize(lambda a: _dgelu_codes(a, approximate, bits), x)
   else:
     res = barriers.materialize(lambda a: a.astype(jnp.bfloat16), x)
   return barriers.depend(y, res), res
@@ -442,8 +489,9 @@ def _gelu_fwd(x, approximate, storage):
 
 def _gelu_bwd(approximate, storage, res, g):
   stored = barriers.depend(res, g)
-  if storage == "uint8":
-    d = _dequantize_dgelu(stored)
+  if storage in _GELU_CODE_BITS:
+    bits = _GELU_CODE_BITS[storage]
+    d = _dequantize_dgelu(_unpack_codes(stored, bits, g.shape), bits)
   else:
     d = _gelu_grad(stored.astype(jnp.float32), approximate)
   return ((g.astype(jnp.float32) * d).astype(g.dtype),)
@@ -456,8 +504,9 @@ def gelu(x, approximate: bool = True, storage: Optional[str] = "uint8"):
   """jax.nn.gelu with a compact residual.
 
   Args:
-    storage: "uint8" keeps gelu'(x) in 8 bits over its fixed range [-0.17, 1.13];
-      "bfloat16" keeps x in bf16; None is the plain op (exact gradient).
+    storage: "uint8", "uint4" or "uint2" keep gelu'(x) in that many bits over its fixed
+      range [-0.17, 1.13] (8 // bits codes to a byte); "bfloat16" keeps x in bf16;
+      None is the plain op (exact gradient).
   """
   _check_float("x", x)
   if storage is None:
@@ -472,8 +521,9 @@ def gelu_reference(x, approximate: bool = True, storage: Optional[str] = "uint8"
   if storage is None:
     return exact
   x32 = x.astype(jnp.float32)
-  if storage == "uint8":
-    d = _dequantize_dgelu(_quantize_dgelu(_gelu_grad(x32, approximate)))
+  if storage in _GELU_CODE_BITS:
+    bits = _GELU_CODE_BITS[storage]
+    d = _dequantize_dgelu(_quantize_dgelu(_gelu_grad(x32, approximate), bits), bits)
   else:
     d = _gelu_grad(x32.astype(jnp.bfloat16).astype(jnp.float32), approximate)
   lin = lax.stop_gradient(d) * x32

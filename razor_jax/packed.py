@@ -6,12 +6,20 @@ values (`codecs`); `unpack(packed)` rebuilds the dense array with zeros elsewher
 Every shape in the packed form is static, so it can be a custom-VJP residual inside
 `jit` and `scan`.
 
-Storage (see `Packed`): positions as a bitmask or as indices, whichever is smaller,
-or on request Elias-Fano coded (half the bitmask's size at 10% kept, slower);
-values by default as bfloat16 numbers in 15 bits (sign, exponent relative to the
-group's largest, 7-bit mantissa), optionally int8 with a per-group scale, or
-float16 / float32. `bits_per_element` reports what that costs: at 0.9 pruning,
-2.50 bits per element by default, 2.03 with Elias-Fano positions.
+Two layouts, by granularity:
+
+- "sample" groups (`Packed`, the paper's rule): positions as a bitmask or as indices,
+  whichever is smaller, or on request Elias-Fano coded; values by default as bfloat16
+  numbers in 15 bits (sign, exponent relative to the group's largest, 7-bit mantissa),
+  optionally int8 with a per-group scale, or float16 / float32. At 0.9 pruning, 2.50
+  bits per element by default, 2.03 with Elias-Fano positions.
+- "token" rows (`RowPacked`, a token's features or one query's attention row): one
+  uint8 buffer per array holding, per row, the Elias-Fano code of the increasing
+  positions and the values, by default in 4 bits (`codecs.encode_log4`); about 1.0
+  bit per element at 0.9 for a row of 1024. One buffer, so a scanned layer stacks one
+  array per residual instead of three (each is a kernel on GPU).
+
+`bits_per_element` reports what a layout costs for a shape.
 """
 from __future__ import annotations
 
@@ -26,8 +34,11 @@ from jax import lax
 from razor_jax import barriers, codecs, selection
 
 GRANULARITIES = ("sample", "token")
-VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8")
+VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8", "log4")
 POSITION_FORMATS = ("auto", "bitmask", "indices", "elias_fano")
+# What token rows accept ("auto" first: it resolves to the next one).
+ROW_VALUE_FORMATS = ("auto", "log4", "int8", "bfloat16", "float16", "float32")
+ROW_POSITION_FORMATS = ("auto", "elias_fano", "indices")
 
 
 def check_prune_ratio(prune_ratio, name: str = "prune_ratio") -> float:
@@ -50,8 +61,12 @@ def check_granularity(granularity: str) -> str:
   return granularity
 
 
-def group_shape(shape, granularity: str) -> tuple[int, int]:
-  """(number of groups, elements per group) for an array of `shape`."""
+def group_shape(shape, granularity: str, row_ndim: int = 1) -> tuple[int, int]:
+  """(number of groups, elements per group) for an array of `shape`.
+
+  "sample" groups are the batch elements; "token" groups are rows of the last
+  `row_ndim` axes (a token's features, or one query's attention probabilities).
+  """
   check_granularity(granularity)
   if len(shape) == 0:
     raise ValueError("cannot prune a scalar: expected an array with a batch axis")
@@ -59,7 +74,11 @@ def group_shape(shape, granularity: str) -> tuple[int, int]:
   if granularity == "sample":
     groups = shape[0]
   else:
-    groups = size // shape[-1] if shape[-1] else 0
+    if not 1 <= row_ndim <= len(shape):
+      raise ValueError(f"row_ndim={row_ndim} must be between 1 and the {len(shape)} axes of"
+                       f" shape {tuple(shape)}")
+    row = math.prod(shape[len(shape) - row_ndim:])
+    groups = size // row if row else 0
   if groups == 0 or size == 0:
     raise ValueError(f"cannot prune an empty array of shape {tuple(shape)}")
   return groups, size // groups
@@ -78,9 +97,10 @@ def keep_count(group_size: int, prune_ratio: float) -> int:
 
 
 def _value_format(value_format: str, dtype) -> str:
-  """The storage actually used: "auto" resolved against the input dtype."""
+  """The storage actually used by sample groups: "auto" resolved against the input dtype."""
   if value_format not in VALUE_FORMATS:
     raise ValueError(f"value_format must be one of {VALUE_FORMATS}, got {value_format!r}")
+  check_formats("sample", value_format, "auto")
   if value_format == "auto":
     # bf16 keeps float32's range; float16 inputs are stored as they are.
     return "float16" if jnp.dtype(dtype) == jnp.float16 else "bfloat16"
@@ -146,6 +166,114 @@ class Packed:
     return 8.0 * self.nbytes() / math.prod(self.shape)
 
 
+@struct.dataclass
+class RowPacked:
+  """A pruned activation in token rows: per row, the positions and values of its K kept.
+
+  data: uint8 (rows, bytes); per row the position code (Elias-Fano, see
+    `codecs.row_ef_encode`, or b-bit indices in bit planes) then the value code
+    (`codecs.encode_log4`'s codes and row ends, or int8 steps and their float32
+    scale, or floats), laid out as `layout` says.
+  """
+  data: jax.Array
+  k: int = struct.field(pytree_node=False)
+  shape: tuple = struct.field(pytree_node=False)
+  dtype: jnp.dtype = struct.field(pytree_node=False)
+  row_ndim: int = struct.field(pytree_node=False)
+  position_format: str = struct.field(pytree_node=False)
+  value_format: str = struct.field(pytree_node=False)
+  layout: tuple = struct.field(pytree_node=False)  # ((per-row shape, dtype), ...) in `data`
+
+  granularity = "token"
+
+  @property
+  def group_size(self) -> int:
+    return math.prod(self.shape[len(self.shape) - self.row_ndim:])
+
+  def nbytes(self) -> int:
+    return math.prod(self.data.shape)
+
+  def bits_per_element(self) -> float:
+    """Stored bits per element of the original activation (every stored byte)."""
+    return 8.0 * self.nbytes() / math.prod(self.shape)
+
+
+def check_formats(granularity: str, value_format: str, position_format: str):
+  """Raises unless `granularity` stores values and positions in these formats."""
+  if granularity == "token":
+    if value_format not in ROW_VALUE_FORMATS:
+      raise ValueError(f"token rows store values as one of {ROW_VALUE_FORMATS}, got"
+                       f" value_format={value_format!r}")
+    if position_format not in ROW_POSITION_FORMATS:
+      raise ValueError(f"token rows store positions as one of {ROW_POSITION_FORMATS}, got"
+                       f" position_format={position_format!r}")
+  else:
+    if value_format == "log4":
+      raise ValueError("value_format='log4' codes token rows (granularity='token'); sample"
+                       " groups store 'bfloat16', 'int8', 'float16' or 'float32'")
+
+
+def _row_formats(value_format: str, position_format: str, dtype) -> tuple[str, str]:
+  check_formats("token", value_format, position_format)
+  if value_format == "auto":
+    value_format = "log4"
+  if position_format == "auto":
+    position_format = "elias_fano"
+  return value_format, position_format
+
+
+def index_bits(n: int) -> int:
+  """Bits of a position in a row of n elements."""
+  return max(1, (n - 1).bit_length())
+
+
+def _pack_rows(x, prune_ratio: float, row_ndim: int, value_format: str,
+               position_format: str) -> RowPacked:
+  rows, n = group_shape(x.shape, "token", row_ndim)
+  k = keep_count(n, prune_ratio)
+  value_format, position_format = _row_formats(value_format, position_format, x.dtype)
+  flat = x.reshape(rows, n)
+  pos = selection.topk_rows(flat, k)
+  kept = jnp.take_along_axis(flat, pos, axis=1)
+  if position_format == "elias_fano":
+    parts = [codecs.row_ef_encode(pos, n)]
+  else:
+    parts = [codecs.pack_planes(pos, index_bits(n))]
+  if value_format == "log4":
+    parts += list(codecs.encode_log4(kept))
+  elif value_format == "int8":
+    parts += list(codecs.encode_int8(kept))
+  else:
+    parts.append(kept.astype(value_format))
+  layout = tuple((tuple(a.shape[1:]), jnp.dtype(a.dtype).name) for a in parts)
+  return RowPacked(data=codecs.to_bytes(parts, rows), k=k, shape=tuple(x.shape),
+                   dtype=jnp.dtype(x.dtype), row_ndim=row_ndim,
+                   position_format=position_format, value_format=value_format, layout=layout)
+
+
+def _row_values(packed: RowPacked, parts) -> jax.Array:
+  if packed.value_format == "log4":
+    return codecs.decode_log4(parts[1], parts[2], packed.k)
+  if packed.value_format == "int8":
+    return codecs.decode_int8(parts[1], parts[2], jnp.float32)
+  return parts[1]
+
+
+def _unpack_rows(packed: RowPacked) -> jax.Array:
+  rows, n, k = packed.data.shape[0], packed.group_size, packed.k
+  parts = codecs.from_bytes(packed.data, packed.layout)
+  if packed.position_format == "elias_fano":
+    pos = codecs.row_ef_decode(parts[0], n, k)
+  else:
+    pos = codecs.unpack_planes(parts[0], index_bits(n), k)
+  values = _row_values(packed, parts).astype(packed.dtype)
+  index = jnp.arange(rows, dtype=jnp.int32)[:, None]
+  # In place into zeros made from the positions (see barriers.zeros_after).
+  zeros = barriers.zeros_after((rows, n), packed.dtype, pos)
+  dense = zeros.at[index, pos].set(values, mode="drop", unique_indices=True)
+  return dense.reshape(packed.shape)
+
+
 def _encode(kept: jax.Array, value_format: str):
   """(values, scale) for the kept elements (groups, K)."""
   if value_format == "bfloat16":
@@ -165,23 +293,29 @@ def _decode(packed: Packed) -> jax.Array:
 
 
 def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
-         value_format: str = "auto", position_format: str = "auto") -> Packed:
+         value_format: str = "auto", position_format: str = "auto", row_ndim: int = 1):
   """Keeps the top-K magnitudes of each group of `x` in a compact static-shape form.
 
   Args:
     x: floating array whose first axis is the batch.
     prune_ratio: fraction pruned, in [0, 1); K = round((1 - prune_ratio) * n).
-    granularity: "sample" (top-K over each batch element, the paper's rule) or
-      "token" (top-K of each row of the last axis).
-    value_format: storage of kept values: "auto" (float16 for float16 input, else
-      "bfloat16"), "bfloat16" (bfloat16 numbers in 15 bits), "float16", "float32"
-      or "int8" (with a per-group float32 scale).
-    position_format: "auto" (the smaller of "bitmask" and "indices"), "bitmask",
-      "indices" or "elias_fano" (the smallest, at some cost in time).
+    granularity: "sample" (top-K over each batch element by exact magnitude, the
+      paper's rule; a `Packed`) or "token" (top-K of each row of the last `row_ndim`
+      axes by bfloat16 magnitude; a `RowPacked`). Ties keep the lower positions.
+    value_format: storage of kept values. Sample groups: "auto" (float16 for float16
+      input, else "bfloat16"), "bfloat16" (bfloat16 numbers in 15 bits), "float16",
+      "float32" or "int8" (with a per-group float32 scale). Token rows: "auto"
+      (= "log4", 4 bits), "log4", "int8", "bfloat16", "float16", "float32".
+    position_format: sample groups: "auto" (the smaller of "bitmask" and "indices"),
+      "bitmask", "indices" or "elias_fano". Token rows: "auto" (= "elias_fano") or
+      "indices" (b-bit indices).
+    row_ndim: for "token", how many trailing axes make a row.
   """
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"pack expects a floating-point array, got dtype {x.dtype}")
+  if check_granularity(granularity) == "token":
+    return _pack_rows(x, prune_ratio, row_ndim, value_format, position_format)
   groups, n = group_shape(x.shape, granularity)
   k = keep_count(n, prune_ratio)
   if position_format not in POSITION_FORMATS:
@@ -220,6 +354,8 @@ def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
   """
   if after is not None:
     packed = barriers.depend(packed, after)
+  if isinstance(packed, RowPacked):
+    return _unpack_rows(packed)
   groups, n, k = packed.values.shape[0], packed.group_size, packed.k
   # Decoded once per kept value: XLA would otherwise fuse the decoding into the
   # gather below and redo it for each of the n elements. Kept as bfloat16 (exact)
@@ -249,34 +385,60 @@ def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
     dense = blocks(words, start, values).reshape(groups, -1)[:, :n]
   else:
     rows = jnp.arange(groups, dtype=jnp.int32)[:, None]
-    zeros = barriers.depend(jnp.zeros((groups, n), packed.dtype), packed.positions)
+    zeros = barriers.zeros_after((groups, n), packed.dtype, packed.positions)
     dense = zeros.at[rows, packed.positions.astype(jnp.int32)].set(
         values, mode="drop", unique_indices=True)
   return dense.reshape(packed.shape).astype(packed.dtype)
 
 
 def prune_reference(x: jax.Array, prune_ratio: float, granularity: str = "sample",
-                    value_format: str = "auto") -> jax.Array:
+                    value_format: str = "auto", row_ndim: int = 1) -> jax.Array:
   """Dense masked copy that `unpack(pack(x))` must equal; written with plain jnp."""
-  groups, n = group_shape(x.shape, granularity)
-  mask = selection.mask_reference(x.reshape(groups, n), keep_count(n, prune_ratio))
-  mask = mask.reshape(x.shape)
-  storage = _storage_dtype(value_format, x.dtype)
-  kept = jnp.where(mask, x, 0)
-  if storage == jnp.int8:
-    flat = kept.reshape(groups, n).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(flat), axis=1, keepdims=True)
+  groups, n = group_shape(x.shape, granularity, row_ndim)
+  k = keep_count(n, prune_ratio)
+  flat = x.reshape(groups, n)
+  if granularity == "token":
+    value_format, _ = _row_formats(value_format, "auto", x.dtype)
+    mask = selection.rows_mask_reference(flat, k)
+  else:
+    value_format = _value_format(value_format, x.dtype)
+    mask = selection.mask_reference(flat, k)
+  kept = jnp.where(mask, flat, 0).astype(jnp.float32)
+  if value_format == "int8":
+    amax = jnp.max(jnp.abs(kept), axis=1, keepdims=True)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(flat / scale), -127, 127) * scale
-    return q.reshape(x.shape).astype(x.dtype)
-  return kept.astype(storage).astype(x.dtype)
+    out = jnp.clip(jnp.round(kept / scale), -127, 127) * scale
+  elif value_format == "log4":
+    out = _log4_reference(kept, mask)
+  else:
+    out = kept.astype(value_format)
+  return jnp.where(mask, out, 0).reshape(x.shape).astype(x.dtype)
+
+
+def _log4_reference(kept: jax.Array, mask: jax.Array) -> jax.Array:
+  """Each kept magnitude rounded to the nearest of 7 geometric levels from the row's
+  smallest nonzero to its largest kept magnitude (both rounded to bfloat16); zeros and
+  signs kept."""
+  a = jnp.abs(kept)
+  hi = jnp.max(a, axis=1, keepdims=True).astype(jnp.bfloat16).astype(jnp.float32)
+  lo = jnp.min(jnp.where(mask & (a > 0), a, jnp.inf), axis=1, keepdims=True)
+  lo = jnp.where(jnp.isfinite(lo), lo, 0.0).astype(jnp.bfloat16).astype(jnp.float32)
+  levels = lo * (hi / jnp.where(lo > 0, lo, 1.0)) ** (jnp.arange(7) / 6.0)[None, :]
+  # Nearest level in log space.
+  dist = jnp.abs(jnp.log(jnp.maximum(a, 1e-38))[:, :, None]
+                 - jnp.log(jnp.maximum(levels, 1e-38))[:, None, :])
+  level = jnp.take_along_axis(levels, jnp.argmin(dist, axis=2), axis=1)
+  level = jnp.where(a > 0, level, 0.0)
+  return jnp.where(kept < 0, -level, level)
+
 
 
 def bits_per_element(shape, prune_ratio: float, granularity: str = "sample",
                      dtype=jnp.float32, value_format: str = "auto",
-                     position_format: str = "auto") -> float:
+                     position_format: str = "auto", row_ndim: int = 1) -> float:
   """Bits stored per original element when packing an array of `shape` (no compute)."""
   spec = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
   out = jax.eval_shape(lambda a: pack(a, prune_ratio, granularity, value_format=value_format,
-                                      position_format=position_format), spec)
+                                      position_format=position_format, row_ndim=row_ndim),
+                       spec)
   return out.bits_per_element()

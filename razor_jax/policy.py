@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional
 
+import jax
+
 from razor_jax import packed
 from razor_jax.ops import GELU_FORMATS, PackSpec
 
@@ -30,17 +32,28 @@ class Policy:
 
   Attributes:
     prune_ratio: default fraction pruned for every op type (0 = exact fine-tuning).
-    granularity: "sample" (top-K per batch sample, the paper's rule) or "token".
-    value_format: storage of kept values ("auto" = bf16 for float32 inputs; "int8").
-    position_format: "auto", "bitmask" or "indices".
+    granularity: which elements compete for the K kept:
+      "token": each token's features (all heads of q/k/v), each query's attention
+        row; by bfloat16 magnitude. One sort per row block on GPU (see
+        `selection.topk_rows`), a 15-pass search on CPU.
+      "sample": each batch sample, by exact magnitude (the paper's rule); a
+        sampled-bracket search tuned for XLA:CPU, which on GPU costs data-dependent
+        loops and conditionals.
+      "auto" (default): "sample" when the program is traced for CPU, "token"
+        otherwise (`auto_granularity`); name one to get the same gradients everywhere.
+    value_format: storage of kept values: "auto" (token rows: 4-bit "log4"; sample
+      groups: bfloat16 in 15 bits, float16 for float16 inputs), "log4" (rows only),
+      "int8", "bfloat16", "float16", "float32".
+    position_format: "auto" (rows: "elias_fano"; groups: bitmask or indices,
+      whichever is smaller), "elias_fano", "indices", "bitmask" (groups only).
     gelu_storage: what GELU keeps for its backward: "auto" (exact when the policy
-      prunes nothing, else "uint8"), "uint8" (its derivative in 8 bits), "bfloat16"
-      (its input in bf16) or None (exact).
+      prunes nothing, else "uint2"), "uint8" / "uint4" / "uint2" (its derivative in
+      that many bits), "bfloat16" (its input in bf16) or None (exact).
     ratios: per-op-type prune ratios overriding `prune_ratio`, as ((op_type, ratio), ...);
       build it with `Policy.make(..., attention=0.0)`.
   """
   prune_ratio: float = DEFAULT_PRUNE_RATIO
-  granularity: str = "sample"
+  granularity: str = "auto"
   value_format: str = "auto"
   position_format: str = "auto"
   gelu_storage: Optional[str] = "auto"
@@ -48,7 +61,8 @@ class Policy:
 
   def __post_init__(self):
     packed.check_prune_ratio(self.prune_ratio)
-    packed.check_granularity(self.granularity)
+    if self.granularity != "auto":
+      packed.check_granularity(self.granularity)
     if self.gelu_storage is not None and self.gelu_storage not in GELU_STORAGES:
       raise ValueError(
           f"gelu_storage must be one of {GELU_STORAGES} or None (exact), got {self.gelu_storage!r}")
@@ -56,8 +70,17 @@ class Policy:
       if op_type not in OP_TYPES:
         raise ValueError(f"unknown op type {op_type!r} in a policy; expected one of {OP_TYPES}")
       packed.check_prune_ratio(ratio, f"prune ratio for {op_type!r}")
-    # Validates value_format and position_format once, here.
-    PackSpec(self.prune_ratio, self.granularity, self.value_format, self.position_format)
+    # Validates value_format and position_format once, here, for every granularity
+    # the policy can resolve to.
+    for granularity in (packed.GRANULARITIES if self.granularity == "auto"
+                        else (self.granularity,)):
+      try:
+        PackSpec(self.prune_ratio, granularity, self.value_format, self.position_format)
+      except ValueError as e:
+        if self.granularity != "auto":
+          raise
+        raise ValueError(f"{e}; granularity='auto' can resolve to {granularity!r}, so name"
+                         " the granularity for this storage format") from None
 
   @classmethod
   def make(cls, prune_ratio: float = DEFAULT_PRUNE_RATIO, *,
@@ -79,7 +102,8 @@ class Policy:
     ratio = self.ratio(op_type)
     if ratio == 0.0:
       return None
-    return PackSpec(ratio, self.granularity, self.value_format, self.position_format)
+    granularity = auto_granularity() if self.granularity == "auto" else self.granularity
+    return PackSpec(ratio, granularity, self.value_format, self.position_format)
 
   @property
   def prunes(self) -> bool:
@@ -90,13 +114,35 @@ class Policy:
   def gelu(self) -> Optional[str]:
     """GELU's storage in force ("auto" resolved); None means an exact GELU."""
     if self.gelu_storage == "auto":
-      return "uint8" if self.prunes else None
+      return "uint2" if self.prunes else None
     return self.gelu_storage
 
   @property
   def exact(self) -> bool:
     """Whether everything is exact: plain fine-tuning."""
     return not self.prunes and self.gelu is None
+
+
+def auto_granularity(platform: Optional[str] = None) -> str:
+  """What granularity "auto" means when tracing for `platform` (default: jax's backend).
+
+  "sample" on CPU, where its sampled-bracket search is the fast one and measured
+  figures stay comparable; "token" on GPU and TPU, where one sort per row block
+  replaces the search's data-dependent loops and conditionals (see `Policy`). Decided
+  when the model is traced; to compile for a GPU from a CPU process (ahead of time),
+  name the granularity.
+  """
+  return "sample" if (platform or jax.default_backend()) == "cpu" else "token"
+
+
+def auto_batch_chunk(platform: Optional[str] = None) -> int:
+  """The ViT's default batch slice for `platform` (default: jax's backend); 0 = none.
+
+  XLA:CPU keeps one block's dense temporaries per slice of 32 samples; on GPU each
+  slice repeats every kernel launch of the block, and the full batch's temporaries
+  are smaller than the launches cost (see README, "Measurements").
+  """
+  return 32 if (platform or jax.default_backend()) == "cpu" else 0
 
 
 def resolve(prune_ratio: Optional[float] = None, policy: Optional[Policy] = None) -> Policy:

@@ -72,10 +72,9 @@ def _scan(layer, stacked_params, x, xs):
   def run_bwd(res, g):
     vjps, xs, shapes = res
     length = jax.tree.leaves(xs)[0].shape[0]
-    # Zeros computed from the cotangent (XLA cannot fold the predicate), so they
-    # cannot be placed before the backward.
-    zero = jnp.where(barriers.never_true(jax.tree.leaves(g)[0]), 1, 0)
-    grads = jax.tree.map(lambda s: jnp.broadcast_to(zero.astype(s.dtype), s.shape), shapes)
+    # Zeros computed from the cotangent, so they cannot be placed before the backward.
+    anchor = jax.tree.leaves(g)[0]
+    grads = jax.tree.map(lambda s: barriers.zeros_after(s.shape, s.dtype, anchor), shapes)
 
     def body(carry, inputs):
       g, grads = carry

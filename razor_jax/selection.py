@@ -13,6 +13,13 @@ in every group. `topk_words` returns the kept set as a bitmask (`codecs.bitmask`
 Why the code looks the way it does (XLA:CPU, measured with experiments/): a
 reduction over more than 32 elements is rewritten into reduce-windows over a
 materialized input, so counts are nested short reductions.
+
+Token rows (`topk_rows`, the default on accelerators) order elements by their
+bfloat16 magnitude, the precision of the stored values, and break ties by position
+(the lower one is kept), so every key is distinct and exactly K are kept. On GPU one
+sort of 32-bit keys (magnitude above reversed position) per row does it in one
+kernel with no data-dependent loop or conditional; XLA:CPU sorts a row at a time, so
+there the same set comes from a 15-pass bit search like the one above.
 """
 from __future__ import annotations
 
@@ -254,6 +261,75 @@ def topk_words(x: jax.Array, k: int) -> jax.Array:
     return (u > tu) | ((u == tu) & (pos <= cut[:, None]))
 
   return codecs.bitmask(kept, x, t, cut)
+
+
+# ----------------------------------------------------------------- token rows
+
+# Bits of a magnitude's ordering key: bfloat16(|x|) without its sign.
+MAGNITUDE_BITS = 15
+
+
+def magnitude_keys(x: jax.Array) -> jax.Array:
+  """uint32 keys that order like bfloat16(|x|) (the stored precision); NaN above inf."""
+  return lax.bitcast_convert_type(
+      jnp.abs(x).astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+
+
+def _topk_rows_sort(x: jax.Array, k: int) -> jax.Array:
+  """The k kept positions of each row by one sort: distinct keys, magnitude over position."""
+  rows, n = x.shape
+  if n <= 1 << 16:
+    pos = jnp.arange(n, dtype=jnp.uint32)[None, :]
+    key = (magnitude_keys(x) << 16) | (0xFFFF - pos)
+    top = ~lax.sort(~key, dimension=1)[:, :k]
+    return (0xFFFF - (top & 0xFFFF)).astype(jnp.int32)
+  iota = lax.broadcasted_iota(jnp.int32, (rows, n), 1)
+  _, idx = lax.sort((0x7FFF - magnitude_keys(x), iota), dimension=1, num_keys=1,
+                    is_stable=True)
+  return idx[:, :k]
+
+
+def _topk_rows_search(x: jax.Array, k: int) -> jax.Array:
+  """The same k positions by a bit search over the 15-bit keys, then a tie cut."""
+  rows, n = x.shape
+  t = _kth_largest(magnitude_keys, (x,), k, MAGNITUDE_BITS)
+  u = magnitude_keys(x)
+  above = _count_at_least(u, t + 1)
+  tied = _count_at_least(u, t) - above
+
+  def flipped(x, t):
+    pos = jnp.arange(n, dtype=jnp.int32)[None, :]
+    return jnp.where(magnitude_keys(x) == t[:, None], n - pos, 0)
+
+  cut = _tie_cut(flipped, (x, t), jnp.any(tied > k - above), k - above, n)
+
+  def kept(x, t, cut):
+    u, tu = magnitude_keys(x), t[:, None]
+    pos = jnp.arange(n, dtype=jnp.int32)[None, :]
+    return (u > tu) | ((u == tu) & (pos <= cut[:, None]))
+
+  pos, _, _ = codecs.select(codecs.bitmask(kept, x, t, cut), k, n)
+  return pos
+
+
+def topk_rows(x: jax.Array, k: int) -> jax.Array:
+  """Positions (rows, k) int32, increasing, of the k largest bfloat16 magnitudes of each row.
+
+  Ties keep the lower positions. The sort on accelerators and the search on CPU give
+  the same set (chosen when the program is lowered).
+  """
+  pos = lax.platform_dependent(x, cpu=lambda a: _topk_rows_search(a, k),
+                               default=lambda a: _topk_rows_sort(a, k))
+  # Increasing: the search gives bitmask order, the sort magnitude order.
+  return lax.sort(pos, dimension=1)
+
+
+def rows_mask_reference(x: jax.Array, k: int) -> jax.Array:
+  """`topk_rows`'s kept set as a bool mask, from lax.top_k on the bfloat16 magnitudes."""
+  rows, n = x.shape
+  key = jnp.abs(x).astype(jnp.bfloat16).astype(jnp.float32)
+  _, idx = lax.top_k(key, k)  # ties: the lower index first
+  return jnp.zeros((rows, n), bool).at[jnp.arange(rows)[:, None], idx].set(True)
 
 
 def mask_reference(x: jax.Array, k: int) -> jax.Array:

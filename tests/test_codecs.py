@@ -43,7 +43,7 @@ def test_prefix_sum_and_select_in_word():
   w = rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
   w[:3] = [1, 2**31, 2**32 - 1]
   r = np.array([rng.integers(0, max(1, bin(int(v)).count("1"))) for v in w], np.int32)
-  got = codecs._select_in_word(jnp.asarray(w), jnp.asarray(r))
+  got = codecs.select_in_word(jnp.asarray(w), jnp.asarray(r))
   want = [np.flatnonzero((int(v) >> np.arange(32)) & 1)[i] for v, i in zip(w, r)]
   np.testing.assert_array_equal(got, want)
 

@@ -1,4 +1,4 @@
-"""pack / unpack: exact K per group, the K largest magnitudes, zeros elsewhere, every format."""
+"""pack / unpack of sample groups: exact K per group, the K largest magnitudes, zeros elsewhere, every format."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +17,7 @@ SETTINGS = settings(max_examples=20, deadline=None,
 def cases(draw):
   shape = tuple(draw(st.lists(st.integers(1, 9), min_size=2, max_size=3)))
   shape = (shape[0],) + tuple(s * 4 for s in shape[1:])  # rows of at least 4 elements
-  granularity = draw(st.sampled_from(packed.GRANULARITIES))
+  granularity = "sample"  # token rows (RowPacked) are tested in test_rows.py
   _, n = packed.group_shape(shape, granularity)
   ratio = draw(st.sampled_from([0.0, 0.3, 0.5, 0.9, 0.97]))
   if round((1 - ratio) * n) < 1:

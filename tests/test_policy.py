@@ -14,13 +14,14 @@ def test_exact_is_said_one_way_ratio_zero():
 
 
 def test_gelu_storage_auto_follows_pruning():
-  assert Policy(0.9).gelu == "uint8"
-  assert Policy.make(0.0, attention=0.9).gelu == "uint8"
-  assert Policy.make(0.9, attention=0.0).gelu == "uint8"
+  assert Policy(0.9).gelu == "uint2"
+  assert Policy.make(0.0, attention=0.9).gelu == "uint2"
+  assert Policy.make(0.9, attention=0.0).gelu == "uint2"
+  assert Policy(0.9, gelu_storage="uint4").gelu == "uint4"
   assert Policy(0.0, gelu_storage="bfloat16").gelu == "bfloat16"
   assert Policy(0.9, gelu_storage=None).gelu is None
   with pytest.raises(ValueError, match=r"gelu_storage must be one of \('auto', 'uint8', "
-                                       r"'bfloat16'\) or None"):
+                                       r"'uint4', 'uint2', 'bfloat16'\) or None"):
     Policy(0.9, gelu_storage="int4")
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from razor_jax import block_ops, ops, scan
+from razor_jax import policy as policy_lib
 from razor_jax.models.vit_checkpoint import (  # noqa: F401  (public API of this module)
     CheckpointMismatchError, export, load_pretrained)
 from razor_jax.policy import Policy, resolve
@@ -111,14 +112,18 @@ def _cast(dtype, *arrays):
 
 
 def _ln_then_project(policy: Policy, x, ln, kernels, biases, dtype):
-  """LayerNorm then projections; one packed copy when both are pruned (block_ops)."""
-  x, scale, bias = _cast(dtype, x, *ln)
-  kernels, biases = _cast(dtype, *kernels), _cast(dtype, *biases)
+  """LayerNorm then projections; one packed copy when both are pruned (block_ops).
+
+  Only x is cast here: the ops cast the params to x's dtype inside their custom VJPs,
+  so that a bfloat16 model's residuals do not hold a cast copy of every layer's params.
+  """
+  (x,) = _cast(dtype, x)
+  scale, bias = ln
   ln_spec, dense_spec = policy.spec("layer_norm"), policy.spec("dense")
   if ln_spec is not None and dense_spec is not None:
     shared = ln_spec if ln_spec.prune_ratio <= dense_spec.prune_ratio else dense_spec
     return block_ops.layer_norm_dense_multi(x, scale, bias, kernels, biases, shared)
-  y = ops.layer_norm(x, scale, bias, ln_spec)
+  y = ops.layer_norm(x, *_cast(dtype, scale, bias), ln_spec)
   return ops.dense_multi(y, kernels, biases, dense_spec)
 
 
@@ -155,14 +160,12 @@ class Encoder1DBlock(nn.Module):
     q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
     logits = ops.attention_logits(q, k, attn_spec)
     y = ops.softmax_attend(logits, v, attn_spec)
-    out_k, out_b = _cast(dtype, out_k, out_b)
     y = ops.dense_general(y, out_k, out_b, dense_spec, axis=(-2, -1))
     x = dropout(y) + x
 
     # MLP: LayerNorm, fc1, gelu (tanh form, flax's default), fc2.
     (h,) = _ln_then_project(policy, x, ln1, [k1], [b1], dtype)
     h = dropout(ops.gelu(h, approximate=True, storage=policy.gelu))
-    k2, b2 = _cast(dtype, k2, b2)
     y = dropout(ops.dense(h, k2, b2, dense_spec))
     return x + y, None
 
@@ -189,7 +192,7 @@ class Encoder(nn.Module):
   scan: bool = True
   remat: bool = False
   dtype: Any = jnp.float32
-  batch_chunk: int = 0
+  batch_chunk: Optional[int] = 0
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -238,7 +241,9 @@ class Encoder(nn.Module):
         rngs = {"dropout": jax.random.wrap_key_data(key) if typed else key}
       return block.apply({"params": params}, y, not train, rngs=rngs)[0]
 
-    chunk = self.batch_chunk
+    chunk = policy_lib.auto_batch_chunk() if self.batch_chunk is None else self.batch_chunk
+    if not self.policy.prunes:
+      chunk = 0  # full fine-tuning stores every activation anyway; slices only add launches
     batch = x.shape[0]
 
     def layer(params, y, key):
@@ -272,6 +277,10 @@ class ViT(nn.Module):
       `encoderblock`; with remat, through nn.scan); False unrolls them.
     remat: wrap each block in nn.remat (jax.checkpoint), for comparison.
     dtype: computation dtype of the encoder (params stay float32).
+    batch_chunk: with scanned, pruned blocks, run each block over slices of this many
+      samples (0: the whole batch). Samples are independent in a block, so the result
+      is the same; one block's dense temporaries shrink to a slice. None: 32 on CPU, 0
+      elsewhere (`policy.auto_batch_chunk`). Full fine-tuning runs unsliced.
   """
   num_classes: int
   variant: Optional[str] = None
@@ -288,7 +297,7 @@ class ViT(nn.Module):
   scan: bool = True
   remat: bool = False
   dtype: Any = jnp.float32
-  batch_chunk: int = 32
+  batch_chunk: Optional[int] = None
 
   def __post_init__(self):
     if self.variant is not None and self.variant not in VARIANTS:

@@ -47,3 +47,17 @@ def test_per_op_ratios_and_their_errors():
     Policy.make(0.9, ratios={"mlp": 0.5})
   with pytest.raises(ValueError, match=r"prune ratio for 'dense' must be in \[0, 1\)"):
     Policy.make(0.9, dense=1.5)
+
+
+def test_granularity_auto_resolves_by_platform():
+  from razor_jax import policy as policy_lib
+  assert policy_lib.auto_granularity("cpu") == "sample"
+  assert policy_lib.auto_granularity("gpu") == "token"
+  assert policy_lib.auto_batch_chunk("cpu") == 32 and policy_lib.auto_batch_chunk("gpu") == 0
+  # Traced here (CPU), "auto" gives the sample groups; a named granularity is kept.
+  assert Policy(0.9).spec("dense").granularity == "sample"
+  assert Policy(0.9, granularity="token").spec("dense").granularity == "token"
+  # Formats that only one granularity stores need it named.
+  with pytest.raises(ValueError, match="granularity='auto' can resolve to 'sample'"):
+    Policy(0.9, value_format="log4")
+  assert Policy(0.9, granularity="token", value_format="log4").spec("dense").value_format == "log4"

@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0  # dropout in the MLP blocks during training
   config.model.scan = True  # scan over identical blocks (razor_jax.scan): one compiled body
   config.model.remat = False  # recompute each block in the backward (trades time for memory)
-  # Samples per slice when the scanned blocks run; None = the ViT's (32).
+  # Samples per slice when the scanned, pruned blocks run; None = the ViT's (32 on CPU,
+  # the whole batch on GPU: razor_jax.policy.auto_batch_chunk).
   config.model.batch_chunk = config_dict.placeholder(int)
   # Pretrained weights in the public .npz format; "" trains from scratch.
   config.init_path = f"{PUBLIC_CHECKPOINTS}/ViT-B_16.npz"
@@ -58,11 +59,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.policy.dense = config_dict.placeholder(float)  # qkv/out projections and MLP layers
   config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V
   config.policy.layer_norm = config_dict.placeholder(float)  # layer norms
-  config.policy.granularity = "sample"  # top-K per batch sample (the paper's rule) or "token"
-  config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint8"),
-  #                                      "uint8", "bfloat16" or "exact"
-  config.policy.value_format = "auto"  # kept values: "auto" (bf16 for f32), "int8", ...
-  config.policy.position_format = "auto"  # kept positions: "auto", "bitmask" or "indices"
+  # Who competes for the K kept: "token" (a token's features, per row: one sort per row
+  # block on GPU), "sample" (a whole sample, the paper's rule) or "auto" ("sample" on
+  # CPU, "token" on GPU/TPU).
+  config.policy.granularity = "auto"
+  config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint2"),
+  #                                      "uint8", "uint4", "uint2", "bfloat16" or "exact"
+  # Kept values: "auto" (token rows: 4-bit "log4"; sample groups: bf16 in 15 bits), "int8", ...
+  config.policy.value_format = "auto"
+  # Kept positions: "auto" (rows: "elias_fano"; groups: bitmask or indices), "indices", ...
+  config.policy.position_format = "auto"
 
   # Optimization.
   config.total_steps = 6000  # optimizer updates

@@ -45,7 +45,7 @@ def test_paper_configs_train_what_the_paper_trained():
     train_setup.check_config(config, num_devices=8)
     model = train_setup.build_model(config, num_classes=200)
     assert model.sizes == (16, 1024, 4096, 16, 24)  # ViT-L/16
-    assert model.razor_policy == Policy(ratio) and model.razor_policy.gelu == "uint8"
+    assert model.razor_policy == Policy(ratio) and model.razor_policy.gelu == "uint2"
     tx, schedule = train_step.make_optimizer(config)
     # Linear warm-up over 500 steps to the peak, cosine decay to 0 at the last step.
     np.testing.assert_allclose([schedule(0), schedule(250), schedule(500), schedule(steps)],

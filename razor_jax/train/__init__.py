@@ -8,6 +8,7 @@
   checkpoint.py  orbax checkpoints of the TrainState
   metrics.py     JSON lines, TensorBoard events, the progress bar
   cli.py         the command line of experiments/finetune.py (absl flags)
+  launch.py      N processes of one run on this machine (experiments/launch_local.sh)
 
 Importing this package does not import TensorFlow: `run` imports the data pipelines
 (razor_jax.data) once it needs data, unless it is given other datasets.

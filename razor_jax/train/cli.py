@@ -157,6 +157,11 @@ def main(argv: Sequence[str], configs_dir: str) -> int:
   except UsageError as e:
     print(f"error: {e}\n{USAGE}", file=sys.stderr)
     return EXIT_USAGE
+  try:  # the workdir, a changed config, init_path: seconds, before jax or TensorFlow start
+    loop.preflight(config, workdir)
+  except loop.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
   # The data pipelines import TensorFlow: only now that a run starts.
   from razor_jax import data  # pylint: disable=g-import-not-at-top
   try:
@@ -172,6 +177,6 @@ def main(argv: Sequence[str], configs_dir: str) -> int:
     return EXIT_PREEMPTED
   accuracy = result.get("eval/accuracy")
   if jax.process_index() == 0:  # one line for the run, not one per process
-      print(f"done: step {result['step']}, eval accuracy "
+    print(f"done: step {result['step']}, eval accuracy "
           f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; workdir {workdir}")
   return 0

@@ -23,11 +23,11 @@ from razor_jax.train import workdir as workdir_checks
 from razor_jax.train import config as train_config
 from razor_jax.train.metrics import MetricsLog, Progress, Throughput
 from razor_jax.train.setup import (
-    CheckpointMissingError, ConfigError, NonFiniteLossError, UserError, build_model,
+    CheckpointMissingError, CheckpointUnreadableError, ConfigError, NonFiniteLossError, UserError, build_model,
     check_config, check_init_path, compile_step, init_state, jit_eval_step)
 
-__all__ = ["CheckpointMissingError", "ConfigError", "NonFiniteLossError", "UserError",
-           "evaluate", "run"]
+__all__ = ["CheckpointMissingError", "CheckpointUnreadableError", "ConfigError",
+           "NonFiniteLossError", "UserError", "evaluate", "preflight", "run"]
 
 
 def _say(line: str):
@@ -131,23 +131,13 @@ def run(config, workdir: str, *, datasets: Any = None,
     The last metrics: "step", "train/loss", "train/accuracy", "eval/accuracy",
     "eval/loss", "preempted", and the compiled peak bytes of the step.
   """
-  try:
-    config = train_config.complete(config)
-  except KeyError as e:
-    raise ConfigError(e.args[0]) from None
-  # The checks that need no devices and no data come first: a bad workdir, a changed
-  # config or a bad init_path ends here, in seconds, with the workdir untouched.
-  workdir_checks.check_writable(workdir)
+  config, changes = preflight(config, workdir)
   sharding.initialize_distributed()
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check_config(config, mesh.size)
-  resuming = checkpoint.has_checkpoint(workdir)
-  changes = workdir_checks.check_config_unchanged(config, workdir) if resuming else {}
-  if config.init_path and not resuming:
-    check_init_path(config.init_path)
   finished = _finished(config, workdir)
   if finished is not None:
     return finished
@@ -159,6 +149,25 @@ def run(config, workdir: str, *, datasets: Any = None,
     return _run(config, workdir, mesh, ckpts, datasets, num_classes, changes, stop_at_step)
   finally:
     ckpts.close()
+
+
+def preflight(config, workdir: str) -> tuple[Any, dict]:
+  """(complete config, allowed changes) after the checks that need no device and no data.
+
+  A bad workdir, a config that changes what the workdir's checkpoint was made under, or
+  an unreadable init_path ends here within seconds, before jax starts, anything is
+  compiled or TensorFlow is imported, and with nothing written. The CLI calls it first.
+  """
+  try:
+    config = train_config.complete(config)
+  except KeyError as e:
+    raise ConfigError(e.args[0]) from None
+  workdir_checks.check_writable(workdir)
+  resuming = checkpoint.has_checkpoint(workdir)
+  changes = workdir_checks.check_config_unchanged(config, workdir) if resuming else {}
+  if config.init_path and not resuming:
+    check_init_path(config.init_path)
+  return config, changes
 
 
 def _finished(config, workdir) -> Optional[dict]:
@@ -210,12 +219,6 @@ def _report_memory(config, model, dense_model, compiled, mesh) -> dict:
 
 
 def _run(config, workdir, mesh, ckpts, datasets, num_classes, changes, stop_at_step):
-  if jax.process_index() == 0:
-    if changes:
-      _say("changed since the last run in this workdir (recorded in"
-           f" {workdir_checks.CHANGES_FILE}): " + ", ".join(
-               f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-    workdir_checks.record_config(config, workdir, changes, ckpts.latest_step())
 
   model = build_model(config, num_classes)
   # The forward pass is the same dense computation at any prune ratio: evaluate with the
@@ -227,6 +230,12 @@ def _run(config, workdir, mesh, ckpts, datasets, num_classes, changes, stop_at_s
   log.write(0, {f"memory/{k}": v for k, v in memory.items()})
 
   resume_step, state = ckpts.restore_latest(abstract, say=_say)
+  if jax.process_index() == 0:
+    if changes:
+      _say("changed since the last run in this workdir (recorded in"
+           f" {workdir_checks.CHANGES_FILE}): " + ", ".join(
+               f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    workdir_checks.record_config(config, workdir, changes, resume_step)
   if resume_step is not None:
     _say(f"resuming from the checkpoint of step {resume_step} in {ckpts.directory}")
   else:

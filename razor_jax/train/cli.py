@@ -159,7 +159,7 @@ def main(argv: Sequence[str], configs_dir: str) -> int:
     return EXIT_USAGE
   try:  # the workdir, a changed config, init_path: seconds, before jax or TensorFlow start
     loop.preflight(config, workdir)
-  except loop.UserError as e:
+  except (loop.UserError, sharding.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_ERROR
   # The data pipelines import TensorFlow: only now that a run starts.

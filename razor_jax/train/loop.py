@@ -7,6 +7,7 @@ same parameters as an uninterrupted run. Set-up pieces live in razor_jax.train.s
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -132,7 +133,6 @@ def run(config, workdir: str, *, datasets: Any = None,
     "eval/loss", "preempted", and the compiled peak bytes of the step.
   """
   config, changes = preflight(config, workdir)
-  sharding.initialize_distributed()
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   except ValueError as e:
@@ -155,8 +155,10 @@ def preflight(config, workdir: str) -> tuple[Any, dict]:
   """(complete config, allowed changes) after the checks that need no device and no data.
 
   A bad workdir, a config that changes what the workdir's checkpoint was made under, or
-  an unreadable init_path ends here within seconds, before jax starts, anything is
-  compiled or TensorFlow is imported, and with nothing written. The CLI calls it first.
+  an unreadable init_path ends here within seconds, before anything is compiled or
+  TensorFlow is imported, and with nothing written. Then the processes of a multi-process
+  run join (sharding.initialize_distributed) and check that they run the same config.
+  The CLI calls it first; it may run twice (the second call finds everything done).
   """
   try:
     config = train_config.complete(config)
@@ -167,7 +169,28 @@ def preflight(config, workdir: str) -> tuple[Any, dict]:
   changes = workdir_checks.check_config_unchanged(config, workdir) if resuming else {}
   if config.init_path and not resuming:
     check_init_path(config.init_path)
+  if sharding.initialize_distributed():
+    _check_same_config(config, workdir)
+    _say(f"{jax.process_count()} processes joined: {jax.device_count()} devices,"
+         f" {jax.local_device_count()} in each")
   return config, changes
+
+
+def _check_same_config(config, workdir: str):
+  """Raises ConfigError unless every process runs the same config and workdir."""
+  if jax.process_count() == 1:
+    return
+  mine = json.dumps({"config": json.loads(config.to_json()), "workdir": workdir})
+  for index, theirs in enumerate(sharding.exchange("config", mine)):
+    if theirs is None:
+      raise ConfigError(f"process {index} did not send its config within 60 s; it failed or"
+                        " hangs (see its output)")
+    if theirs != mine:
+      differ = workdir_checks.config_changes(json.loads(mine), json.loads(theirs))
+      raise ConfigError(
+          f"process {index} runs another config than process {jax.process_index()}: "
+          + ", ".join(f"{k} ({b!r} vs {a!r})" for k, (a, b) in differ.items())
+          + "; start every process with the same flags")
 
 
 def _finished(config, workdir) -> Optional[dict]:

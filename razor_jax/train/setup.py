@@ -57,16 +57,19 @@ def check_config(config, num_devices: int):
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by"
                       f" grad_accum_steps={accum}")
   micro = config.batch_size // accum
+  processes = jax.process_count()
+  devices = (f"{num_devices}" if processes == 1 else
+             f"{num_devices}, over all {processes} processes: batch_size is the global batch")
   if micro % num_devices:
     what = "batch_size" if accum == 1 else f"batch_size / grad_accum_steps = {micro}"
     raise ConfigError(
-        f"{what} must be divisible by the number of devices ({num_devices}): each device"
+        f"{what} must be divisible by the number of devices ({devices}): each device"
         f" gets an equal share. Use e.g. --config.batch_size={_round_up(micro, num_devices) * accum},"
         f" or fewer devices with --config.mesh.data=K")
   eval_batch = config.eval_batch_size or config.batch_size
   if eval_batch % num_devices:
     raise ConfigError(f"eval_batch_size={eval_batch} must be divisible by the number of"
-                      f" devices ({num_devices})")
+                      f" devices ({devices})")
   if config.model.variant and any(
       config.model[k] is not None
       for k in ("patch_size", "hidden_size", "mlp_dim", "num_heads", "num_layers")):

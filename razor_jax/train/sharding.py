@@ -97,10 +97,43 @@ def initialize_distributed() -> bool:
         f" JAX_NUM_PROCESSES, and that each has its own JAX_PROCESS_ID; {INIT_TIMEOUT_ENV}"
         " sets the wait") from None
   _distributed_started = True
-  if num is not None and jax.process_count() != num:
-    raise DistributedError(f"JAX_NUM_PROCESSES={num} but jax.distributed counts"
-                           f" {jax.process_count()} processes")
+  if num is not None:
+    declared = exchange("num_processes", str(num), init_timeout)
+    if len(set(declared)) > 1 or jax.process_count() != num:
+      said = ", ".join(f"process {i}: {v}" for i, v in enumerate(declared) if v is not None)
+      raise DistributedError(
+          f"the processes were started with different JAX_NUM_PROCESSES ({said}; the"
+          f" coordinator counts {jax.process_count()}); give every process the same count"
+          " (experiments/launch_local.sh N does)")
   return True
+
+
+_exchanges: dict = {}
+
+
+def exchange(name: str, value: str, timeout_s: float = 60) -> list:
+  """Every process's `value` for `name`, by process index (None where one never said).
+
+  Goes through the coordinator's key-value store, not a device collective, so it works
+  before the processes agree on anything else, and a process that is missing or failed
+  costs `timeout_s`, not a hang.
+  """
+  if not _distributed_started or jax.process_count() == 1:
+    return [value]
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  # Keys are written once: a name exchanged again (every process does the same calls in
+  # the same order) gets the next number.
+  _exchanges[name] = _exchanges.get(name, 0) + 1
+  key = f"razor_jax/{name}/{_exchanges[name]}"
+  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  values = []
+  for i in range(jax.process_count()):
+    try:
+      values.append(client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000)))
+    except Exception:  # pylint: disable=broad-except  (jaxlib's timeout error)
+      values.append(None)
+  return values
 
 
 def make_mesh(data: int = -1, fsdp: int = 1,

@@ -161,7 +161,20 @@ def load_params(workdir: str, step: Optional[int] = None) -> Any:
     step = ckpts.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
-    restored = ckpts.restore(step)
+    restored = ckpts.restore(step, _one_device_layout(ckpts.directory, step))
   finally:
     ckpts.close()
   return jax.tree.map(np.asarray, restored["params"])
+
+
+def _one_device_layout(directory: str, step: int) -> Any:
+  """The saved tree's shapes and dtypes on this process's first device.
+
+  Restoring "as saved" needs the devices the checkpoint was written from, which another
+  topology (say 2 processes' checkpoint, read by 1) does not have.
+  """
+  with _quiet_logs():  # orbax warns about a metadata file that StandardSave never writes
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "default"))
+  tree = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)

@@ -75,6 +75,7 @@ def _damage(step_dir, kind):
     open(os.path.join(step_dir, "default", "_METADATA"), "w").close()
 
 
+@pytest.mark.slow  # the module's one training run
 @pytest.mark.parametrize("kind", ["truncated_data_file", "emptied_metadata"])
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(stopped, tmp_path, kind,
                                                                       capfd):
@@ -97,6 +98,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(stopped, t
   assert json.load(open(os.path.join(workdir, "config.json")))["eval_every"] == 6
 
 
+@pytest.mark.slow
 def test_finished_run_says_so_before_compiling(stopped, tmp_path, monkeypatch, capsys):
   workdir = _copy(stopped, tmp_path)
   _no_compile(monkeypatch)
@@ -109,6 +111,7 @@ def test_finished_run_says_so_before_compiling(stopped, tmp_path, monkeypatch, c
   assert result["step"] == 8 and result["eval/accuracy"] == stopped[1]["eval/accuracy"]
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_naming_the_fields(stopped, tmp_path, monkeypatch):
   workdir = _copy(stopped, tmp_path)
   before = _snapshot(workdir)

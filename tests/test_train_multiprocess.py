@@ -29,6 +29,9 @@ import pytest
 
 from razor_jax.train import checkpoint, launch
 
+# Subprocess runs of a minute or more on 2 cores (see setup.cfg's marker).
+pytestmark = pytest.mark.slow
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
 FINETUNE = os.path.join(REPO, "experiments", "finetune.py")
@@ -165,8 +168,10 @@ def test_eval_over_two_processes_equals_one(runs):
 
 
 def test_only_process_0_writes_metrics_and_prints(runs):
-  rows = [json.loads(line) for line in open(runs["root"] / "two" / "metrics.jsonl")]
-  after = [r["step"] for r in rows if "train/loss" in r and r["step"] > RESUME_AT]
+  # `two` began as a copy of `one`'s workdir: its own rows follow `one`'s.
+  copied = len(open(runs["root"] / "one" / "metrics.jsonl").readlines())
+  rows = [json.loads(line) for line in open(runs["root"] / "two" / "metrics.jsonl")][copied:]
+  after = [r["step"] for r in rows if "train/loss" in r]
   assert after == list(range(RESUME_AT + 1, TOTAL + 1))  # each step once, not once per process
   assert runs["two_out"].count("done: step 20") == 1
 
@@ -228,14 +233,15 @@ def _finetune(ctx, workdir, env, extra=()):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def test_distributed_errors_name_the_problem(runs, tmp_path):
-  ctx = runs["ctx"]
+def test_distributed_errors_name_the_problem(tmp_path):
+  ctx = {"cache": str(tmp_path / "cache"), "flags": FLAGS + [f"--config.data_dir={tmp_path}"]}
   # No coordinator at that address.
   proc = _finetune(ctx, str(tmp_path / "a"), _env(
       ctx["cache"], devices=2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1", RAZOR_INIT_TIMEOUT_S="3"))
   out, _ = proc.communicate(timeout=TIMEOUT_S)
-  assert proc.returncode == 1 and "could not join" in out and "Traceback" not in out, out
+  assert proc.returncode == 1 and "could not reach the coordinator" in out, out
+  assert "Traceback" not in out
 
   # Processes that disagree on how many they are.
   address = f"127.0.0.1:{_free_port()}"

@@ -169,10 +169,12 @@ def preflight(config, workdir: str) -> tuple[Any, dict]:
   changes = workdir_checks.check_config_unchanged(config, workdir) if resuming else {}
   if config.init_path and not resuming:
     check_init_path(config.init_path)
+  joined_before = sharding.distributed_started()
   if sharding.initialize_distributed():
     _check_same_config(config, workdir)
-    _say(f"{jax.process_count()} processes joined: {jax.device_count()} devices,"
-         f" {jax.local_device_count()} in each")
+    if not joined_before:
+      _say(f"{jax.process_count()} processes joined: {jax.device_count()} devices,"
+           f" {jax.local_device_count()} in each")
   return config, changes
 
 

@@ -7,6 +7,8 @@ evenly, and gathered by XLA where it is used; with fsdp = 1 everything is replic
 from __future__ import annotations
 
 import os
+import socket
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -31,6 +33,43 @@ DEFAULT_INIT_TIMEOUT_S, DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_SHUTDOWN_TIMEOUT_S 
 
 class DistributedError(RuntimeError):
   """The processes of a multi-process run could not start together; the message says why."""
+
+
+def _check_coordinator(address: str, pid: int, timeout_s: int):
+  """Raises DistributedError if process 0 cannot serve `address`, or others cannot reach it."""
+  host, _, port_text = address.rpartition(":")
+  try:
+    port = int(port_text)
+  except ValueError:
+    raise DistributedError(f"JAX_COORDINATOR_ADDRESS={address!r} must be HOST:PORT") from None
+  host = host.strip("[]")
+  if pid == 0:  # the coordinator runs in process 0 and listens on that port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+      try:
+        s.bind(("", port))
+      except OSError as e:
+        raise DistributedError(
+            f"process 0 cannot serve the coordinator on port {port} ({e.strerror}); pick a free"
+            " port in JAX_COORDINATOR_ADDRESS (experiments/launch_local.sh finds one)") from None
+    return
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=2).close()
+      return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise DistributedError(
+            f"process {pid} could not reach the coordinator at {address} within {timeout_s} s"
+            f" ({e.strerror or e}). Check that process 0 runs, that {host} is its address and"
+            f" reachable from here, and that the port is open; {INIT_TIMEOUT_ENV} sets the"
+            " wait") from None
+      time.sleep(0.5)
+
+
+def distributed_started() -> bool:
+  """Whether initialize_distributed has joined this process to others."""
+  return _distributed_started
 
 
 def _env_int(name: str, default=None):
@@ -72,6 +111,9 @@ def initialize_distributed() -> bool:
       raise DistributedError(f"JAX_COORDINATOR_ADDRESS={address!r} must be HOST:PORT (process"
                              " 0's host and a free port)")
     kwargs = dict(coordinator_address=address, num_processes=num, process_id=pid)
+    # jaxlib aborts the process (a C++ fatal error, no exception) when the coordinator
+    # does not answer in time, so look first, from Python, where the error can be clear.
+    _check_coordinator(address, pid, _env_int(INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S))
   elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or "OMPI_MCA_orte_hnp_uri" in os.environ):
     kwargs = {}

@@ -25,14 +25,19 @@ that wants GELU's compact 8-bit residual calls `razor_jax.ops.gelu` itself.
 `jax.jit` caches a trace without knowing whether razorize was active, so enter
 the block inside the jitted function (or jit a separate function for it):
 a function traced outside the block keeps exact gradients when later called inside.
+Entering the block outside any trace therefore warns (RazorizeOutsideJitWarning);
+eager code without jit gets razor gradients there, and can silence it with
+`warnings.simplefilter("ignore", razor_jax.intercept.RazorizeOutsideJitWarning)`.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
 import flax.linen as nn
+import jax
 
 from razor_jax import layers
 from razor_jax.policy import Policy, resolve
@@ -103,8 +108,28 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
 
 
+class RazorizeOutsideJitWarning(UserWarning):
+  """razorize() entered where no function is being traced: a cached jit trace ignores it."""
+
+
+def _tracing() -> bool:
+  """Whether a jax transformation (jit, grad, vmap, ...) is tracing the current code."""
+  try:
+    from jax._src import core  # pylint: disable=g-import-not-at-top
+    return not core.trace_state_clean()
+  except (ImportError, AttributeError):  # a jax without it: no warning rather than a wrong one
+    return True
+
+
 @contextmanager
 def _razorized(policy: Policy):
+  if not _tracing():
+    # stacklevel 3: the `with` line, past contextmanager's __enter__.
+    warnings.warn(
+        "razorize() was entered outside a jitted function: a function that jax.jit already"
+        " traced (outside the block) keeps its cached trace and computes exact gradients"
+        " inside it. Enter `with razorize(...)` inside the function you jit.",
+        RazorizeOutsideJitWarning, stacklevel=3)
   interceptor = _Interceptor(policy)
   _ACTIVE.stack.append(interceptor)
   try:

@@ -46,6 +46,7 @@ def compiled_memory(fn, *args, **kwargs) -> CompiledMemory:
 
 def device_peak_bytes(device=None) -> int | None:
   """The device allocator's peak bytes in use (GPU/TPU), or None where it keeps none."""
-  device = device or jax.devices()[0]
+  # This process's first device: another process's devices give no memory stats.
+  device = device or jax.local_devices()[0]
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   return None if not stats else stats.get("peak_bytes_in_use")

@@ -1,5 +1,6 @@
 """razorize(): unmodified flax models with Back Razor gradients."""
 import functools
+import warnings
 
 import chex
 import flax.linen as nn
@@ -239,3 +240,16 @@ def test_bad_prune_ratio(bad):
   with pytest.raises(ValueError) as layer_error:
     layers.RazorDense(4, prune_ratio=bad)
   assert str(error.value) == str(layer_error.value)  # the same message as a layer's
+
+
+def test_entered_outside_jit_warns_that_a_cached_trace_ignores_it():
+  with pytest.warns(intercept.RazorizeOutsideJitWarning, match="inside the function you jit"):
+    with razorize(0.9):
+      pass
+
+  def inside(x):
+    with razorize(0.9):
+      return x + 1
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", intercept.RazorizeOutsideJitWarning)
+    jax.jit(inside)(1.0)  # where it belongs: no warning

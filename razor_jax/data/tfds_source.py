@@ -114,7 +114,8 @@ def _missing_message(name: str, tfds_name: str, data_dir: str, reason: str,
   if files:
     lines.append(f"  - {'or ' if not manual_only else ''}download these files by hand into one"
                  f" folder M, then run: python -m razor_jax.data {name} --manual_dir M"
-                 f" --data_dir {data_dir}  (or pass manual_dir=M):")
+                 f" --data_dir {data_dir}  (or fine-tune with --config.manual_dir=M, which"
+                 " prepares it on first use; from Python, manual_dir=M):")
     lines += [f"      {filename}  ({url})" for url, filename in files.items()]
   if notes:
     lines.append(f"  Note: {notes}")

@@ -21,12 +21,13 @@ import re
 import sys
 from typing import Sequence
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 from razor_jax.train import config as train_config
-from razor_jax.train import loop
+from razor_jax.train import loop, sharding
 
 USAGE = ("usage: python experiments/finetune.py --config NAME [--config.FIELD=VALUE ...]"
          " [--workdir DIR]")
@@ -156,6 +157,11 @@ def main(argv: Sequence[str], configs_dir: str) -> int:
   except UsageError as e:
     print(f"error: {e}\n{USAGE}", file=sys.stderr)
     return EXIT_USAGE
+  try:  # the workdir, a changed config, init_path: seconds, before jax or TensorFlow start
+    loop.preflight(config, workdir)
+  except (loop.UserError, sharding.DistributedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
   # The data pipelines import TensorFlow: only now that a run starts.
   from razor_jax import data  # pylint: disable=g-import-not-at-top
   try:
@@ -164,12 +170,13 @@ def main(argv: Sequence[str], configs_dir: str) -> int:
     print(f"\ninterrupted; rerun the same command to resume from the last checkpoint in"
           f" {workdir}", file=sys.stderr)
     return 130
-  except (loop.UserError, data.DatasetMissingError) as e:
+  except (loop.UserError, data.DatasetMissingError, sharding.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_ERROR
   if result.get("preempted"):
     return EXIT_PREEMPTED
   accuracy = result.get("eval/accuracy")
-  print(f"done: step {result['step']}, eval accuracy "
-        f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; workdir {workdir}")
+  if jax.process_index() == 0:  # one line for the run, not one per process
+    print(f"done: step {result['step']}, eval accuracy "
+          f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}; workdir {workdir}")
   return 0

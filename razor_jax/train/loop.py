@@ -7,6 +7,7 @@ same parameters as an uninterrupted run. Set-up pieces live in razor_jax.train.s
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -19,14 +20,15 @@ import numpy as np
 
 from razor_jax.memory import compiled_memory, device_peak_bytes
 from razor_jax.train import checkpoint, sharding
+from razor_jax.train import workdir as workdir_checks
 from razor_jax.train import config as train_config
 from razor_jax.train.metrics import MetricsLog, Progress, Throughput
 from razor_jax.train.setup import (
-    CheckpointMissingError, ConfigError, NonFiniteLossError, UserError, build_model,
+    CheckpointMissingError, CheckpointUnreadableError, ConfigError, NonFiniteLossError, UserError, build_model,
     check_config, check_init_path, compile_step, init_state, jit_eval_step)
 
-__all__ = ["CheckpointMissingError", "ConfigError", "NonFiniteLossError", "UserError",
-           "evaluate", "run"]
+__all__ = ["CheckpointMissingError", "CheckpointUnreadableError", "ConfigError",
+           "NonFiniteLossError", "UserError", "evaluate", "preflight", "run"]
 
 
 def _say(line: str):
@@ -67,12 +69,19 @@ def evaluate(eval_step, params, datasets, config, mesh) -> dict:
 
 
 class _Preemption:
-  """SIGTERM (or, across hosts, jax's preemption sync point) asks for a save and a stop."""
+  """SIGTERM asks for a save and a stop; across processes, at a step all of them agree on.
+
+  One process: a Python handler sets a flag. Several: jax.distributed's preemption
+  notifier owns SIGTERM (a Python handler would take it away), tells the coordinator,
+  and reached_preemption_sync_point turns true in every process at the same step, so
+  a SIGTERM to any one process makes all of them save that step and stop.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
@@ -80,12 +89,8 @@ class _Preemption:
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
-      # Every host must stop at the same step; jax agrees on one across hosts.
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:
-        return False
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
   def restore(self):
@@ -127,24 +132,84 @@ def run(config, workdir: str, *, datasets: Any = None,
     The last metrics: "step", "train/loss", "train/accuracy", "eval/accuracy",
     "eval/loss", "preempted", and the compiled peak bytes of the step.
   """
-  try:
-    config = train_config.complete(config)
-  except KeyError as e:
-    raise ConfigError(e.args[0]) from None
-  sharding.initialize_distributed()
+  config, changes = preflight(config, workdir)
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check_config(config, mesh.size)
-  if config.init_path and not checkpoint.has_checkpoint(workdir):
-    check_init_path(config.init_path)
+  finished = _finished(config, workdir)
+  if finished is not None:
+    return finished
+  datasets = datasets or _default_datasets()
+  num_classes = _prepare_data(config, datasets)
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)
   try:
-    return _run(config, workdir, mesh, ckpts, datasets or _default_datasets(), stop_at_step)
+    return _run(config, workdir, mesh, ckpts, datasets, num_classes, changes, stop_at_step)
   finally:
     ckpts.close()
+
+
+def preflight(config, workdir: str) -> tuple[Any, dict]:
+  """(complete config, allowed changes) after the checks that need no device and no data.
+
+  A bad workdir, a config that changes what the workdir's checkpoint was made under, or
+  an unreadable init_path ends here within seconds, before anything is compiled or
+  TensorFlow is imported, and with nothing written. Then the processes of a multi-process
+  run join (sharding.initialize_distributed) and check that they run the same config.
+  The CLI calls it first; it may run twice (the second call finds everything done).
+  """
+  try:
+    config = train_config.complete(config)
+  except KeyError as e:
+    raise ConfigError(e.args[0]) from None
+  workdir_checks.check_writable(workdir)
+  resuming = checkpoint.has_checkpoint(workdir)
+  changes = workdir_checks.check_config_unchanged(config, workdir) if resuming else {}
+  if config.init_path and not resuming:
+    check_init_path(config.init_path)
+  joined_before = sharding.distributed_started()
+  if sharding.initialize_distributed():
+    _check_same_config(config, workdir)
+    if not joined_before:
+      _say(f"{jax.process_count()} processes joined: {jax.device_count()} devices,"
+           f" {jax.local_device_count()} in each")
+  return config, changes
+
+
+def _check_same_config(config, workdir: str):
+  """Raises ConfigError unless every process runs the same config and workdir."""
+  if jax.process_count() == 1:
+    return
+  mine = json.dumps({"config": json.loads(config.to_json()), "workdir": workdir})
+  for index, theirs in enumerate(sharding.exchange("config", mine)):
+    if theirs is None:
+      raise ConfigError(f"process {index} did not send its config within 60 s; it failed or"
+                        " hangs (see its output)")
+    if theirs != mine:
+      differ = workdir_checks.config_changes(json.loads(mine), json.loads(theirs))
+      raise ConfigError(
+          f"process {index} runs another config than process {jax.process_index()}: "
+          + ", ".join(f"{k} ({b!r} vs {a!r})" for k, (a, b) in differ.items())
+          + "; start every process with the same flags")
+
+
+def _finished(config, workdir) -> Optional[dict]:
+  """The result of a run that already reached total_steps, read from its files (no compile)."""
+  steps = checkpoint.intact_steps(workdir)
+  if not steps or steps[-1] < config.total_steps:
+    return None
+  step = steps[-1]
+  result = {"step": step, "preempted": False}
+  line = f"already at step {step}/{config.total_steps}"
+  evals = [row for row in MetricsLog.read(workdir) if "eval/accuracy" in row]
+  if evals:
+    result.update({k: v for k, v in evals[-1].items() if k.startswith("eval/")})
+    line += (f": eval accuracy {result['eval/accuracy']:.4f} (step {evals[-1]['step']});"
+             " raise --config.total_steps to train on")
+  _say(line)
+  return result
 
 
 def _prepare_data(config, datasets) -> int:
@@ -178,12 +243,7 @@ def _report_memory(config, model, dense_model, compiled, mesh) -> dict:
   return report
 
 
-def _run(config, workdir, mesh, ckpts, datasets, stop_at_step):
-  num_classes = _prepare_data(config, datasets)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
+def _run(config, workdir, mesh, ckpts, datasets, num_classes, changes, stop_at_step):
 
   model = build_model(config, num_classes)
   # The forward pass is the same dense computation at any prune ratio: evaluate with the
@@ -194,9 +254,14 @@ def _run(config, workdir, mesh, ckpts, datasets, stop_at_step):
   memory = _report_memory(config, model, dense_model, compiled, mesh)
   log.write(0, {f"memory/{k}": v for k, v in memory.items()})
 
-  resume_step = ckpts.latest_step()
+  resume_step, state = ckpts.restore_latest(abstract, say=_say)
+  if jax.process_index() == 0:
+    if changes:
+      _say("changed since the last run in this workdir (recorded in"
+           f" {workdir_checks.CHANGES_FILE}): " + ", ".join(
+               f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    workdir_checks.record_config(config, workdir, changes, resume_step)
   if resume_step is not None:
-    state = ckpts.restore(resume_step, abstract)
     _say(f"resuming from the checkpoint of step {resume_step} in {ckpts.directory}")
   else:
     rng = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -274,8 +339,7 @@ class _Loop:
       result.update(evaluate(self.eval_step, state.params, self.datasets, config, self.mesh))
       _say(f"already at step {start}/{total}: eval accuracy {result['eval/accuracy']:.4f}")
       return result
-    rng = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1),
-                         sharding.replicated(self.mesh))
+    rng = sharding.replicated_key(jax.random.fold_in(jax.random.key(config.seed), 1), self.mesh)
     batches = iter(self.datasets.train_batches(
         config.dataset, batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, start_step=start, data_dir=config.data_dir or None,

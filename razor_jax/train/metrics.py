@@ -43,6 +43,21 @@ class MetricsLog:
           self._tb.add_scalar(name, value, int(step))
       self._tb.flush()
 
+  @staticmethod
+  def read(workdir: str) -> list[dict]:
+    """The rows of <workdir>/metrics.jsonl (none if it is missing; a cut last line is skipped)."""
+    rows = []
+    try:
+      with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+          try:
+            rows.append(json.loads(line))
+          except ValueError:
+            pass
+    except OSError:
+      pass
+    return rows
+
   def close(self):
     if self._file is not None:
       self._file.close()

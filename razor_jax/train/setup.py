@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,10 @@ class CheckpointMissingError(UserError, FileNotFoundError):
   """config.init_path names no readable file."""
 
 
+class CheckpointUnreadableError(UserError, ValueError):
+  """config.init_path is a file, but not a readable .npz (truncated, text, another format)."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
   """The loss or gradient became NaN or inf; the last good checkpoint is kept."""
 
@@ -52,16 +57,19 @@ def check_config(config, num_devices: int):
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by"
                       f" grad_accum_steps={accum}")
   micro = config.batch_size // accum
+  processes = jax.process_count()
+  devices = (f"{num_devices}" if processes == 1 else
+             f"{num_devices}, over all {processes} processes: batch_size is the global batch")
   if micro % num_devices:
     what = "batch_size" if accum == 1 else f"batch_size / grad_accum_steps = {micro}"
     raise ConfigError(
-        f"{what} must be divisible by the number of devices ({num_devices}): each device"
+        f"{what} must be divisible by the number of devices ({devices}): each device"
         f" gets an equal share. Use e.g. --config.batch_size={_round_up(micro, num_devices) * accum},"
         f" or fewer devices with --config.mesh.data=K")
   eval_batch = config.eval_batch_size or config.batch_size
   if eval_batch % num_devices:
     raise ConfigError(f"eval_batch_size={eval_batch} must be divisible by the number of"
-                      f" devices ({num_devices})")
+                      f" devices ({devices})")
   if config.model.variant and any(
       config.model[k] is not None
       for k in ("patch_size", "hidden_size", "mlp_dim", "num_heads", "num_layers")):
@@ -151,11 +159,42 @@ def check_init_path(path: str):
         f" (e.g. `gsutil cp {train_config.PUBLIC_CHECKPOINTS}/{name} .`, or"
         f" https://storage.googleapis.com/vit_models/imagenet21k/{name}); pass its local path"
         " as --config.init_path=PATH, or --config.init_path='' to train from scratch")
+  if "://" not in path:
+    _check_npz(path)
+
+
+def _check_npz(path: str):
+  """Raises CheckpointUnreadableError unless `path` opens as a .npz holding arrays.
+
+  Reads the zip's directory only (at the end of the file, so a truncated download fails
+  here), in milliseconds, before the minute of compiling that np.load would come after.
+  """
+  fix = (" Download it again (a .npz in the public ViT format, e.g. from"
+         f" {train_config.PUBLIC_CHECKPOINTS}/), or pass --config.init_path='' to train from"
+         " scratch")
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    with open(path, "rb") as f:
+      head = f.read(512)
+    size = os.path.getsize(path)
+    if head[:4] == b"PK\x03\x04":
+      what = f"a truncated or damaged .npz ({size} bytes; {e})"
+    elif head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+      what = f"a text file ({size} bytes, starting {head[:40].decode(errors='replace')!r})"
+    else:
+      what = f"not a .npz archive ({size} bytes; {e})"
+    raise CheckpointUnreadableError(f"init_path={path!r} is {what}.{fix}") from None
+  if not names or not any(name.endswith(".npy") for name in names):
+    raise CheckpointUnreadableError(f"init_path={path!r} is a zip archive without .npy"
+                                    f" arrays, not a .npz checkpoint.{fix}")
 
 
 def init_state(model, tx, config, mesh, state_shardings, rng) -> TrainState:
   """A fresh TrainState laid out as `state_shardings`, from config.init_path if set."""
   dummy = jnp.zeros(_image_shape(config))
+  rng = sharding.replicated_key(rng, mesh)  # an input every process can pass to jit
   init = lambda r: model.init(r, dummy, train=False)["params"]
   if config.init_path:
     # load_pretrained works on host arrays: initialize replicated (every host can read a
@@ -169,11 +208,11 @@ def init_state(model, tx, config, mesh, state_shardings, rng) -> TrainState:
     except (KeyError, ValueError) as e:  # a checkpoint of another architecture
       raise ConfigError(f"init_path={config.init_path!r} does not fit the model of this"
                         f" config (model {config.model.to_dict()}): {e}") from None
-    params = jax.device_put(params, state_shardings.params)
+    params = sharding.put_global(params, state_shardings.params)
   else:
     params = jax.jit(init, out_shardings=state_shardings.params)(rng)
   opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
+  step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=state_shardings.step)()
   return TrainState(step=step, params=params, opt_state=opt_state)
 
 

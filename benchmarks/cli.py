@@ -2,7 +2,7 @@
 
   (no flag)      the full CPU plan (suite.full_plan) into results/: about an hour on 2 cores
   --quick        the demo ViT and ViT-Ti/16 only, a few minutes, into a temporary folder
-  --gpu          ViT-B/16 and ViT-L/16 at batch 128 on the accelerator (suite.gpu_plan)
+  --gpu          ViT-L/16 b128 and ViT-B/16 b32 on the accelerator (suite.gpu_plan)
   --gpu_aot      every ViT at batch 8, 32, 128, float32 and bfloat16, full / remat /
                  razor@0.9, compiled for --target (default h200) without a GPU: XLA:GPU's
                  compiled peak and the modeled step time (suite.gpu_aot_plan); needs the
@@ -44,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]]):
       " remat and Back Razor.")
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--quick", action="store_true", help="minutes: demo ViT and ViT-Ti/16")
-  mode.add_argument("--gpu", action="store_true", help="ViT-B/16 and L/16, batch 128, on GPU")
+  mode.add_argument("--gpu", action="store_true", help="ViT-L/16 b128 and B/16 b32 on a GPU")
   mode.add_argument("--gpu_aot", action="store_true",
                     help="compile for a described GPU without one (see --target)")
   mode.add_argument("--render", action="store_true", help="only rewrite README.md and plots")

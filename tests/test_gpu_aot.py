@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_aot
-from benchmarks.cases import Case, parse_method
+from benchmarks import gpu_aot, suite
+from benchmarks.cases import MODELS, Case, parse_method
 
 RAZOR = parse_method("razor@0.9")
 PLUGIN = gpu_aot.plugin_location()
@@ -54,7 +54,7 @@ def test_target_config_takes_the_gpu_choices_not_the_cpu_process():
 STACK = """
 import json, sys
 import flax.linen as nn, jax, jax.numpy as jnp
-from benchmarks import gpu_aot
+from benchmarks import gpu_aot, suite
 from razor_jax import Policy, RazorDense, memory
 
 class Stack(nn.Module):
@@ -96,3 +96,43 @@ def test_razor_stack_compiles_for_the_h200_to_less_than_dense():
   # the selection's temporaries: 0.80x dense when written (XLA:GPU, jax 0.10.2).
   assert dense > 12 * activation, peaks
   assert razor < 0.9 * dense, peaks
+
+
+def test_plan_covers_every_vit_batch_dtype_and_headline_method_findings_first():
+  plan = suite.gpu_aot_plan()
+  assert len(plan.gpu_aot) == 4 * 3 * 2 * 3 == len(set(plan.gpu_aot))
+  assert {(c.model, c.batch, c.dtype) for c in plan.gpu_aot} == {
+      (m, b, d) for m in MODELS for b in (8, 32, 128) for d in ("float32", "bfloat16")}
+  assert [(c.model, c.batch) for c in plan.gpu_aot[:12]] == (
+      [("B/16", 32)] * 3 + [("L/16", 128)] * 3) * 2
+
+
+def test_suite_turns_child_results_into_gpu_aot_records(monkeypatch):
+  cases = (Case("Ti/16", 8, parse_method("full")), Case("Ti/16", 8, RAZOR))
+  calls, drop = [], False
+
+  def fake_child(group, target, **kwargs):
+    calls.append((tuple(group), target, kwargs["env"].get("JAX_COMPILATION_CACHE_DIR")))
+    return {c: {"compiled_peak_bytes": 100 + i, "bits_per_element": None if i == 0 else 1.0,
+                "modeled": {"time_s": 0.01, "launches": 10 * (i + 1), "round_trips": 0},
+                "settings": {"granularity": "token", "batch_chunk": 0}, "compile_s": 1.0}
+            for i, c in enumerate(group) if not drop or c != cases[1]}
+
+  monkeypatch.setattr(gpu_aot, "run_child", fake_child)
+  said = []
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+  out = suite.run(suite.Plan(gpu_aot=cases), say=said.append)
+  assert len(calls) == 1 and calls[0][:2] == (cases, "h200")
+  assert calls[0][2] is None  # no executable cache shared with a compile-only child
+  by_method = {r.label: r for r in out}
+  assert {r.backend for r in out} == {"gpu-aot:h200"}
+  assert by_method["razor@0.9"].compiled_peak_bytes == 101
+  assert by_method["razor@0.9"].modeled["launches"] == 20
+  assert by_method["full"].settings == {"granularity": "token", "batch_chunk": 0}
+  assert any("20 launches" in line for line in said), said
+  # A case the child could not compile is reported, and the others are kept.
+  drop, said = True, []
+  out = suite.run(suite.Plan(gpu_aot=cases), say=said.append)
+  assert [r.label for r in out] == ["full"]
+  assert any("razor@0.9 float32: FAILED to compile" in line for line in said), said
+  assert any("FAILED RuntimeError: 1 of 2 cases did not compile" in line for line in said)

@@ -85,12 +85,18 @@ def side_by_side(records: Sequence[Record]) -> list[str]:
       cpu = _find(records, r.model, r.batch, r.label, r.dtype, "cpu")
       cpu_remat = _find(records, r.model, r.batch, "remat", r.dtype, "cpu")
       cpu_peak = None if cpu is None else cpu.compiled_peak_bytes
+      bits = "—" if r.bits_per_element is None else f"{r.bits_per_element:.2f}"
       rows.append([f"ViT-{r.model}", r.batch, r.dtype, r.label, _gib(r.compiled_peak_bytes),
                    _x(r.compiled_peak_bytes, remat and remat.compiled_peak_bytes),
-                   _x(r.compiled_peak_bytes, full and full.compiled_peak_bytes, 3),
+                   _x(r.compiled_peak_bytes, full and full.compiled_peak_bytes, 3), bits,
                    _gib(cpu_peak), _x(cpu_peak, cpu_remat and cpu_remat.compiled_peak_bytes)])
     lines += _table(["model", "batch", "compute", "method", f"{target} compiled (GiB)",
-                     "× remat", "× full", "CPU compiled (GiB)", "CPU × remat"], rows)
+                     "× remat", "× full", "bits / element", "CPU compiled (GiB)",
+                     "CPU × remat"], rows)
+  lines += ["The CPU column is XLA:CPU's compiled peak of the same step (float32 only; on"
+            " CPU, Back Razor runs with granularity \"sample\" and batch slices of 32)."
+            " Bits per element on the GPU: token rows (Elias-Fano positions, 4-bit values).",
+            ""]
   return lines
 
 

@@ -17,6 +17,11 @@ def _pyplot():
   return plt
 
 
+def matplotlib_ticker():
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+  return matplotlib.ticker
+
+
 def memory_vs_batch(records: Sequence[Record], path: str):
   """One panel per model: compiled peak (log) against batch size (log), a line per method."""
   plt = _pyplot()
@@ -74,7 +79,12 @@ def memory_vs_time(records: Sequence[Record], path: str):
       ax.annotate(f"{r.label}{' bf16' if r.dtype == 'bfloat16' else ''}", (x, y), fontsize=6,
                   xytext=(4, 2), textcoords="offset points")
     ax.set_yscale("log")
-    ax.set_xlim(left=0)
+    ticks = matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(ticks)
+    ax.yaxis.set_minor_formatter(ticks)
+    ax.tick_params(axis="y", which="minor", labelsize=6)
+    # Room on the right for the labels of the slowest points.
+    ax.set_xlim(0, 1.3 * max(r.modeled["time_s"] * 1e3 for r in rows))
     ax.set_title(f"ViT-{model}, batch {HEADLINE_BATCH[model]}", fontsize=9)
     ax.set_xlabel("modeled H200 step time (ms)")
     ax.grid(True, which="both", alpha=0.3)
@@ -89,8 +99,8 @@ def memory_vs_time(records: Sequence[Record], path: str):
     handles += [plt.Line2D([], [], marker="o", linestyle="none", color=c, label=l)
                 for l, c in (*_METHOD_COLORS.items(), ("razor", "tab:green"))]
     axes[0][-1].legend(handles=handles, fontsize=6, loc="best")
-  fig.suptitle("Memory against time on the GPU (compiled for an H200 without one; time"
-               " modeled, lower-left is better)", fontsize=8)
+  fig.suptitle("Compiled for an H200 without one; step time modeled. Lower left is better.",
+               fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

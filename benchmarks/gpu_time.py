@@ -312,7 +312,8 @@ class Program:
 
   def _gemm(self, types, instruction, moved: float) -> Kernel:
     m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instruction.attrs)
-    contracting = [int(x.strip().strip('"')) for x in m.group(1).split(",") if x.strip()] if m else []
+    contracting = [int(x.strip().strip('"')) for x in (m.group(1) if m else "").split(",")
+                   if x.strip()]
     dtype, lhs = first_array(types.get(instruction.operands[0], ""))
     depth = math.prod(lhs[d] for d in contracting) if contracting else 1
     flops = 2.0 * _elements(instruction.type) * depth

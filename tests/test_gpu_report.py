@@ -44,7 +44,8 @@ def test_tables_put_gpu_and_cpu_side_by_side_and_model_the_time():
   rows = _records()
   table = "\n".join(gpu_report.side_by_side(rows))
   # GPU 8.00 GiB, 0.80x remat, 0.080x full; CPU 8.80 GiB, 0.80x its remat.
-  assert "| ViT-L/16 | 128 | float32 | razor@0.9 | 8.00 | 0.80 | 0.080 | — | 8.80 | 0.80 |" in table
+  assert ("| ViT-L/16 | 128 | float32 | razor@0.9 | 8.00 | 0.80 | 0.080 | — | 8.80 | 0.80 |"
+          in table)
   modeled = "\n".join(gpu_report.modeled_table(rows))
   assert "| ViT-L/16 | 128 | float32 | razor@0.9 | 420.0 | 105.0 | 210.0 | 28.0 | 0.0 | 1.40 |" \
       " 1.20 | 7,000 | 0 | 300 / 2 (0) / 0 |" in modeled

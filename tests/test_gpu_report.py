@@ -75,3 +75,22 @@ def test_readme_and_figure_from_gpu_compiled_records(tmp_path):
 def test_findings_need_the_three_methods(missing):
   rows = [r for r in _records() if r.label != missing]
   assert gpu_report.findings(rows) == []
+
+
+def test_a_real_gpu_run_sits_beside_its_deviceless_twin(monkeypatch):
+  from benchmarks import child, report, suite  # pylint: disable=g-import-not-at-top
+  case = Case("L/16", 128, parse_method("razor@0.9"))
+  result = {"measured_peak_bytes": 7 * GIB, "peak_kind": "device_peak_bytes_in_use",
+            "compiled_peak_bytes": int(6.5 * GIB), "step_times": [0.40, 0.44, 0.42],
+            "modeled": _modeled(400.0, 7100)}
+  monkeypatch.setattr(child, "run_child", lambda *a, **k: result)
+  monkeypatch.setattr(suite.bench_step, "packed_bits", lambda c: 1.0)
+  plan = suite.Plan(measured=(case,), ratios_from_children=True)
+  (gpu,) = suite.run(plan, say=lambda line: None)
+  assert gpu.modeled["launches"] == 7100 and gpu.step_time_s == pytest.approx(0.42)
+  gpu.backend, gpu.device = "gpu", "NVIDIA H200"  # as on a GPU (this test runs on CPU)
+  table = "\n".join(report.gpu_table(_records() + [gpu]))
+  # measured 7.00 GiB, compiled here 6.50, compiled without a GPU 8.00; 420 ms measured,
+  # 400 modeled from the executable that ran, 420 modeled from the deviceless compile.
+  assert "| NVIDIA H200 | L/16 | 128 | razor@0.9 | float32 | 6.50 | 7.00 | 8.00 | 420.0 |" \
+      " 400.0 | 420.0 |" in table, table

@@ -15,8 +15,14 @@ HEADLINE = (("L/16", 128), ("B/16", 32))  # the issues' targets: what findings s
 METHODS = ("full", "remat", "razor@0.9")
 
 
+def _order(r: Record) -> tuple:
+  """As records are sorted, but float32 compute (the CPU's too) before bfloat16."""
+  backend, model_index, model, _, size, batch, method, ratio = sort_key(r)
+  return (backend, model_index, model, r.dtype != "float32", size, batch, method, ratio)
+
+
 def aot_records(records: Sequence[Record]) -> list[Record]:
-  return sorted((r for r in records if gpu_aot.is_aot(r.backend)), key=sort_key)
+  return sorted((r for r in records if gpu_aot.is_aot(r.backend)), key=_order)
 
 
 def _find(records, model, batch, label, dtype, backend) -> Optional[Record]:

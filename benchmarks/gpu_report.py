@@ -81,7 +81,10 @@ def side_by_side(records: Sequence[Record]) -> list[str]:
   if not aot:
     return ["No GPU-compiled records: `python experiments/benchmark.py --gpu_aot` makes them"
             " (the gpu-aot extra, or RAZOR_JAX_GPU_AOT_PATH).", ""]
-  lines = []
+  lines = ["Made by `python experiments/benchmark.py --gpu_aot` (about an hour on two CPU"
+           " cores; the gpu-aot extra, or RAZOR_JAX_GPU_AOT_PATH naming a folder that holds"
+           " the CUDA plugin): each step compiled for the GPU described in"
+           " `benchmarks/gpu/`, in a process without one.", ""]
   for backend in _targets(records):
     target = backend.split(":", 1)[1].upper()
     rows = []
@@ -150,6 +153,13 @@ def assumptions(constants: gpu_time.Constants = gpu_time.H200) -> list[str]:
       " on the host (no CUDA-graph command buffers assumed);",
       "- nothing overlaps and caches are ignored: compare the methods of one case; the"
       " absolute figures await calibration on a real GPU (`experiments/gpu_check.sh`).",
+      "",
+      "One consequence to check first on a GPU: the model puts remat 0.7-0.8× full"
+      " fine-tuning, because full fine-tuning's backward kernels read every saved"
+      " activation from HBM while remat's recomputed ones stay inside fused kernels"
+      " (fewer bytes, a little more gemm time). Back Razor's time over remat's is bytes"
+      " (its passes over each activation to select and pack) and launches (about twice"
+      " remat's): launches weigh most at small sizes, bytes at ViT-L/16 batch 128.",
       "",
       "Compiled from this CPU-only machine, the process's backend is \"cpu\", so the GPU"
       " targets set what resolves by backend to the GPU's choice: granularity \"token\" and"

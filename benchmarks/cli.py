@@ -91,8 +91,11 @@ def main(argv: Optional[Sequence[str]], results_dir: str = RESULTS_DIR,
   command = "python experiments/benchmark.py" + (" --quick" if args.quick else "")
   if args.gpu_aot:
     from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
-    gpu_aot.target_description(args.target)  # an unknown target fails before anything runs
-    gpu_aot.child_env()  # so does a missing plugin
+    try:  # an unknown target or a missing plugin fails before anything runs
+      gpu_aot.target_description(args.target)
+      gpu_aot.child_env()
+    except (ValueError, RuntimeError) as e:
+      raise SystemExit(str(e)) from None
   path = os.path.join(out, render.BENCHMARK_JSON)
   if args.merge:
     records.save(path, records.merge(records.load(path), records.load(args.merge)))

@@ -12,7 +12,8 @@ prints one line `RESULT {...}` with
   peak_kind            "device_peak_bytes_in_use" or "rss";
   max_rss_bytes        ru_maxrss of the whole process (imports and compiler included);
   step_times           seconds per step after the first;
-  compiled_peak_bytes  XLA's figure for the same executable.
+  compiled_peak_bytes  XLA's figure for the same executable;
+  modeled              GPU: the modeled step time of that executable (benchmarks.gpu_time).
 
 A fresh process per case is what makes the peak belong to that case alone: both the
 allocator's peak and ru_maxrss only ever grow within a process. `run_child` also sets
@@ -96,7 +97,12 @@ def measure(case_json: dict, steps: int = 3) -> dict:
     kind = "rss"
   else:
     measured, kind = device_peak_bytes(), "device_peak_bytes_in_use"
-  return {"case": case.to_json(), "backend": jax.default_backend(),
+  modeled = None
+  if jax.default_backend() == "gpu":
+    # The time model on the executable that ran, so a GPU run calibrates it.
+    from benchmarks import gpu_time  # pylint: disable=g-import-not-at-top
+    modeled = gpu_time.estimate(built.compiled.as_text()).to_json()
+  return {"case": case.to_json(), "backend": jax.default_backend(), "modeled": modeled,
           "device": str(jax.devices()[0].device_kind),
           "measured_peak_bytes": measured, "peak_kind": kind,
           "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

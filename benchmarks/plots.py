@@ -1,10 +1,12 @@
-"""The two PNG plots: memory against batch size, and memory against step time."""
+"""The two PNG plots: memory against batch size (CPU-compiled), and GPU-compiled memory
+against modeled GPU step time."""
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-from benchmarks.records import Record
+from benchmarks import gpu_aot
+from benchmarks.records import Record, sort_key
 from benchmarks.report import GIB, METHOD_COLUMNS, Index
 
 
@@ -13,6 +15,11 @@ def _pyplot():
   matplotlib.use("Agg")  # files only; no display
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def matplotlib_ticker():
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+  return matplotlib.ticker
 
 
 def memory_vs_batch(records: Sequence[Record], path: str):
@@ -43,42 +50,57 @@ def memory_vs_batch(records: Sequence[Record], path: str):
   plt.close(fig)
 
 
-def memory_vs_time(records: Sequence[Record], path: str):
-  """Peak (× full) against step time (× full): the trade-off, one series per model/batch.
+# Each model at the batch its findings speak of (benchmarks.gpu_report.HEADLINE), the
+# small ones at the largest GPU-compiled batch.
+HEADLINE_BATCH = {"Ti/16": 128, "S/16": 128, "B/16": 32, "L/16": 128}
+_DTYPE_MARKERS = {"float32": "o", "bfloat16": "^"}
+_METHOD_COLORS = {"full": "tab:red", "remat": "tab:blue"}
 
-  Peaks are the compiled ones (the measured ones where a series lacks them, as GPU
-  records might).
+
+def memory_vs_time(records: Sequence[Record], path: str):
+  """One panel per model at its headline batch: GPU-compiled peak against modeled step
+  time, a labelled point per method (colour) and compute dtype (marker).
+
+  From the gpu-aot records (benchmarks/gpu_aot.py); without them the figure says so.
   """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6.4, 4.6))
-  groups = {}
-  for r in records:
-    if r.step_time_ratio is not None:
-      groups.setdefault((r.backend, r.dtype, r.model, r.batch), []).append(r)
-  for (backend, dtype, model, batch), rows in sorted(groups.items()):
-    full = next((r for r in rows if r.label == "full"), None)
-    if full is None:
-      continue
-    # One kind of figure per series: compiled where every point has it, else measured.
-    field = ("compiled_peak_bytes" if all(r.compiled_peak_bytes for r in rows)
-             else "measured_peak_bytes")
-    peak = lambda r, field=field: getattr(r, field)
-    if not peak(full):
-      continue
-    points = [(r.step_time_ratio, peak(r) / peak(full), r.label) for r in rows if peak(r)]
-    points.sort()
-    marker = "s" if backend != "cpu" else "o"
-    name = f"{model} b{batch} ({backend}{'' if dtype == 'float32' else ', ' + dtype})"
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle="none",
-            label=name)
-    for x, y, label in points:
-      ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-  ax.set_yscale("log")
-  ax.set_xlabel("step time × full fine-tuning")
-  ax.set_ylabel("peak memory × full fine-tuning (compiled)")
-  ax.grid(True, which="both", alpha=0.3)
-  if groups:
-    ax.legend(fontsize=7)
+  aot = [r for r in records if gpu_aot.is_aot(r.backend) and r.modeled
+         and r.compiled_peak_bytes and r.batch == HEADLINE_BATCH.get(r.model)]
+  models = [m for m in HEADLINE_BATCH if any(r.model == m for r in aot)]
+  fig, axes = plt.subplots(1, max(len(models), 1), figsize=(3.9 * max(len(models), 1), 3.8),
+                           squeeze=False)
+  for ax, model in zip(axes[0], models):
+    rows = sorted((r for r in aot if r.model == model), key=sort_key)
+    for r in rows:
+      x, y = r.modeled["time_s"] * 1e3, r.compiled_peak_bytes / GIB
+      color = _METHOD_COLORS.get(r.method, "tab:green")
+      ax.plot([x], [y], marker=_DTYPE_MARKERS.get(r.dtype, "s"), color=color,
+              linestyle="none")
+      ax.annotate(f"{r.label}{' bf16' if r.dtype == 'bfloat16' else ''}", (x, y), fontsize=6,
+                  xytext=(4, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ticks = matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(ticks)
+    ax.yaxis.set_minor_formatter(ticks)
+    ax.tick_params(axis="y", which="minor", labelsize=6)
+    # Room on the right for the labels of the slowest points.
+    ax.set_xlim(0, 1.3 * max(r.modeled["time_s"] * 1e3 for r in rows))
+    ax.set_title(f"ViT-{model}, batch {HEADLINE_BATCH[model]}", fontsize=9)
+    ax.set_xlabel("modeled H200 step time (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+  if not models:
+    axes[0][0].text(0.5, 0.5, "no GPU-compiled records\n(benchmark.py --gpu_aot)",
+                    ha="center", va="center", transform=axes[0][0].transAxes)
+    axes[0][0].set_axis_off()
+  else:
+    axes[0][0].set_ylabel("H200-compiled peak of one step (GiB)")
+    handles = [plt.Line2D([], [], marker=m, linestyle="none", color="gray", label=d)
+               for d, m in _DTYPE_MARKERS.items()]
+    handles += [plt.Line2D([], [], marker="o", linestyle="none", color=c, label=l)
+                for l, c in (*_METHOD_COLORS.items(), ("razor", "tab:green"))]
+    axes[0][-1].legend(handles=handles, fontsize=6, loc="best")
+  fig.suptitle("Compiled for an H200 without one; step time modeled. Lower left is better.",
+               fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

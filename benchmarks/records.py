@@ -18,7 +18,9 @@ class Record:
   batch: int
   method: str  # "full", "remat", "razor" or "razor_int8"
   prune_ratio: float  # 0.0 for full and remat
-  backend: str  # jax.default_backend() where the figures were taken: "cpu", "gpu", ...
+  # jax.default_backend() where the figures were taken ("cpu", "gpu", ...), or the GPU a
+  # step was compiled for without one, "gpu-aot:h200" (benchmarks/gpu_aot.py)
+  backend: str
   compiled_peak_bytes: Optional[int] = None  # argument + output + temp - alias of one step
   measured_peak_bytes: Optional[int] = None  # see measured_peak_kind; None: not measured
   step_time_ratio: Optional[float] = None  # median step time / full's, same run and batch
@@ -33,6 +35,12 @@ class Record:
   grad_cosine_mean: Optional[float] = None
   grad_cosine_data: Optional[str] = None  # what the cosines were computed on
   device: Optional[str] = None
+  # Compiled for a GPU (gpu-aot): benchmarks.gpu_time.Estimate.to_json() of the step,
+  # the modeled seconds (time_s and its parts), kernel launches and host round trips.
+  modeled: Optional[dict] = None
+  # What was resolved for the target rather than by this process's backend, e.g.
+  # {"granularity": "token", "batch_chunk": 0} for a GPU compiled from a CPU process.
+  settings: Optional[dict] = None
   commit: Optional[str] = None  # the razor_jax commit measured ("+modified": uncommitted edits)
 
   @property

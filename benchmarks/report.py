@@ -9,7 +9,7 @@ from typing import Iterable, Optional, Sequence
 
 import statistics
 
-from benchmarks import accuracy, paper
+from benchmarks import accuracy, gpu_aot, gpu_report, paper
 from benchmarks.cases import ALL_METHODS
 from benchmarks.records import Record, sort_key
 
@@ -177,15 +177,25 @@ def cosine_table(index: Index) -> list[str]:
 
 
 def gpu_table(records: Sequence[Record]) -> list[str]:
-  gpu = [r for r in records if r.backend not in ("cpu",)]
+  gpu = [r for r in records if r.backend != "cpu" and not gpu_aot.is_aot(r.backend)]
   if not gpu:
     return ["No GPU records: no GPU was available when these results were made. "
             "`experiments/gpu_check.sh` produces them on one.", ""]
-  rows = [[r.device or r.backend, r.model, r.batch, r.label, r.dtype,
-           _size(r.compiled_peak_bytes), _size(r.measured_peak_bytes),
-           _num(r.step_time_s, "{:.3f}"), _num(r.step_time_ratio)] for r in gpu]
+  aot = {(r.model, r.batch, r.label, r.dtype): r for r in records if gpu_aot.is_aot(r.backend)}
+  modeled_ms = lambda r: None if r is None or not r.modeled else r.modeled["time_s"] * 1e3
+  rows = []
+  for r in gpu:
+    twin = aot.get((r.model, r.batch, r.label, r.dtype))
+    rows.append([r.device or r.backend, r.model, r.batch, r.label, r.dtype,
+                 _size(r.compiled_peak_bytes), _size(r.measured_peak_bytes),
+                 _size(twin and twin.compiled_peak_bytes),
+                 _num(None if r.step_time_s is None else r.step_time_s * 1e3, "{:.1f}"),
+                 _num(modeled_ms(r), "{:.1f}"), _num(modeled_ms(twin), "{:.1f}"),
+                 _num(r.step_time_ratio)])
   return _table(["device", "model", "batch", "method", "compute dtype", "compiled (GiB)",
-                 "peak_bytes_in_use (GiB)", "step (s)", "step × full"], rows)
+                 "peak_bytes_in_use (GiB)", "H200-compiled without it (GiB)", "step (ms)",
+                 "modeled, this executable (ms)", "modeled, H200-compiled (ms)",
+                 "step × full"], rows)
 
 
 # Targets of issue 3 (compiled peak, one SGD-momentum step, float32, 224 px).
@@ -194,8 +204,8 @@ ACCURACY_GOAL = 0.5  # points of top-1 behind full fine-tuning, Back Razor@0.9
 
 
 def findings(index: Index, accuracy_doc: Optional[dict]) -> list[str]:
-  """The headline sentences, computed from the records."""
-  lines = []
+  """The headline sentences, computed from the records: GPU-compiled first."""
+  lines = gpu_report.findings(index.all)
   for (model, batch), target in TARGETS.items():
     razor = index.value(model, batch, "razor@0.9", "compiled_peak_bytes")
     full = index.value(model, batch, "full", "compiled_peak_bytes")
@@ -203,11 +213,11 @@ def findings(index: Index, accuracy_doc: Optional[dict]) -> list[str]:
     if None in (razor, full, remat):
       continue
     verdict = "meets" if razor <= target else "misses"
-    lines.append(f"- ViT-{model}, batch {batch}: Back Razor@0.9 compiles to"
-                 f" {razor / GIB:.2f} GiB, {razor / full:.3f}× full fine-tuning"
-                 f" ({full / GIB:.1f} GiB) and {razor / remat:.2f}× remat"
-                 f" ({remat / GIB:.2f} GiB); {verdict} the {target / GIB:g} GiB target.")
-  for label in ("razor@0.9", "remat"):
+    lines.append(f"- CPU (XLA:CPU compiled), ViT-{model}, batch {batch}: Back Razor@0.9"
+                 f" compiles to {razor / GIB:.2f} GiB, {razor / remat:.2f}× remat"
+                 f" ({remat / GIB:.2f} GiB) and {razor / full:.3f}× full fine-tuning"
+                 f" ({full / GIB:.1f} GiB); {verdict} the {target / GIB:g} GiB target.")
+  for label in ("remat", "razor@0.9"):
     ratios = [r.step_time_ratio for r in index.records
               if r.label == label and r.step_time_ratio is not None]
     if ratios:
@@ -230,9 +240,10 @@ def findings(index: Index, accuracy_doc: Optional[dict]) -> list[str]:
       lines.append(f"- Transfer accuracy ({row['optimizer']}, {row['total_steps']} steps): {method}"
                    f" {row['top1_mean']:.2f} ± {row['top1_std']:.2f}% vs full fine-tuning, gap"
                    f" {row['gap_to_full']:+.2f} points: {verdict} the {ACCURACY_GOAL} point goal.")
-  gpu = [r for r in index.all if r.backend != "cpu"]
-  lines.append("- GPU: " + (f"{len(gpu)} records ({gpu[0].device})." if gpu else
-                            "none available when these results were made."))
+  gpu = [r for r in index.all if r.backend != "cpu" and not gpu_aot.is_aot(r.backend)]
+  lines.append("- Measured on a GPU: " + (f"{len(gpu)} records ({gpu[0].device})." if gpu else
+                                          "none; no GPU was available when these results"
+                                          " were made (`experiments/gpu_check.sh` on one)."))
   return lines + [""]
 
 
@@ -249,7 +260,11 @@ def render(records: Sequence[Record], accuracy_doc: Optional[dict] = None,
       "state donated), float32, 224 px, 100 classes; the demo ViT at 32 px, 5 classes.",
       "",
       "- **compiled peak**: XLA's memory analysis of that step, argument + output + temp −",
-      "  alias (nothing runs; any size). On CPU it is XLA:CPU's buffer assignment.",
+      "  alias (nothing runs; any size). On CPU it is XLA:CPU's buffer assignment; for",
+      "  `gpu-aot:h200` XLA:GPU's, the step compiled for a described H200 without one",
+      "  (`--gpu_aot`; float32 and bfloat16 compute, params float32).",
+      "- **modeled step**: the H200 time of that GPU-compiled step, priced from its",
+      "  optimized HLO (see \"Modeled step time\" for the assumptions): no GPU ran it.",
       "- **measured**: a fresh process per configuration runs the step. CPU: the peak",
       "  resident size while the steps run less the resident size before the train state",
       "  was created (kernel high-water mark reset after compiling); GPU: the allocator's",
@@ -264,12 +279,19 @@ def render(records: Sequence[Record], accuracy_doc: Optional[dict] = None,
       "## Findings",
       "",
       *findings(index, accuracy_doc),
+      "## GPU-compiled beside CPU-compiled",
+      "",
+      *gpu_report.side_by_side(index.all),
+      "![GPU-compiled peak against modeled step time](memory_vs_time.png)",
+      "",
+      "## Modeled step time (H200, from the compiled HLO)",
+      "",
+      *gpu_report.assumptions(),
+      *gpu_report.modeled_table(index.all),
       "## Headline (CPU, compiled)",
       "",
       *headline(index),
       "![memory against batch size](memory_vs_batch.png)",
-      "",
-      "![memory against step time](memory_vs_time.png)",
       "",
       "## The paper's tables in our terms",
       "",

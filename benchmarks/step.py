@@ -127,15 +127,16 @@ def loss_fn(model):
   return loss
 
 
-def packed_bits(case: Case) -> Optional[float]:
+def packed_bits(case: Case, config=None) -> Optional[float]:
   """Stored bits per element over every packed residual of the step (element-weighted).
 
   Traces the gradient (nothing runs) while recording each `packed.pack` result, so
   the figure covers exactly the residuals the model packs. None for exact methods.
+  `config` replaces the case's own (a GPU target's granularity, benchmarks.gpu_aot).
   """
   if case.method.exact:
     return None
-  model = build_model(case)
+  model = train_setup.build_model(config or case.config(), case.num_classes)
   image = jax.ShapeDtypeStruct((case.batch, case.resolution, case.resolution, 3), jnp.float32)
   batch = {"image": image, "label": jax.ShapeDtypeStruct((case.batch,), jnp.int32)}
   params = jax.eval_shape(lambda: init_params(model, case))

@@ -1,12 +1,14 @@
 """Which cases to measure how (a Plan), and running a plan into Records.
 
-Four kinds of measurement, each on its own list of cases:
+Five kinds of measurement, each on its own list of cases:
 
   compiled  XLA's memory analysis of the donated train step (compiling only) and the
             bits per element of the packed residuals (tracing only): any size, any backend;
   measured  the peak of a fresh process running the step (see benchmarks.child): small ones;
   timed     groups of one model and batch whose methods are timed in turns (benchmarks.measure);
-  cosine    per-layer gradient cosine against exact gradients on the same batch.
+  cosine    per-layer gradient cosine against exact gradients on the same batch;
+  gpu_aot   compiled for a described GPU without one (benchmarks.gpu_aot): XLA:GPU's
+            memory analysis and the modeled step time of its HLO (benchmarks.gpu_time).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
-from benchmarks import child, measure
+from benchmarks import child, gpu_aot, measure
 from benchmarks import step as bench_step
 from benchmarks.cases import (ALL_METHODS, DEMO, FULL, MODELS, REMAT, Case, Method)
 from benchmarks.records import Record
@@ -43,6 +45,9 @@ class Plan:
   ratios_from_children: bool = False
   demo_checkpoint: Optional[str] = None  # pretrained demo ViT for its gradient cosines
   child_timeout_s: float = 1800.0
+  gpu_aot: tuple = ()  # cases compiled for gpu_target, one process per model/batch/dtype
+  gpu_target: str = "h200"  # a device description in benchmarks/gpu/
+  hlo_dir: Optional[str] = None  # where to keep the GPU-optimized HLO of each gpu_aot case
 
 
 def _grid(models, batches, methods, **kwargs) -> tuple:
@@ -81,13 +86,29 @@ def quick_plan(demo_checkpoint: Optional[str] = None) -> Plan:
 
 
 def gpu_plan(dtype: str = "bfloat16") -> Plan:
-  """ViT-L/16 and ViT-B/16 at batch 128, full / remat / razor@0.9: one process each.
+  """ViT-L/16 at batch 128 and ViT-B/16 at batch 32 (the GPU-compiled findings' cases),
+  full / remat / razor@0.9: one process each.
 
-  Each process compiles, reads the device's peak bytes in use and times its steps;
-  about 30-60 s per case on one H200.
+  Each process compiles, reads the device's peak bytes in use, times its steps and
+  models the time of the executable it ran; about 30-40 s per case on one H200.
   """
-  cases = _grid(["L/16", "B/16"], [128], (RAZOR_90, REMAT, FULL), dtype=dtype)
+  cases = (_grid(["L/16"], [128], (RAZOR_90, REMAT, FULL), dtype=dtype)
+           + _grid(["B/16"], [32], (RAZOR_90, REMAT, FULL), dtype=dtype))
   return Plan(measured=cases, ratios_from_children=True, child_steps=6, child_timeout_s=240)
+
+
+GPU_AOT_BATCHES = (8, 32, 128)
+GPU_AOT_DTYPES = ("float32", "bfloat16")
+
+
+def gpu_aot_plan(target: str = "h200", hlo_dir: Optional[str] = None) -> Plan:
+  """Every ViT at batch 8, 32 and 128, float32 and bfloat16 compute, full / remat /
+  razor@0.9, compiled for `target` without a GPU; 15-60 s a case on two CPU cores."""
+  cases = [c for dtype in GPU_AOT_DTYPES
+           for c in _grid(MODELS, GPU_AOT_BATCHES, HEADLINE_METHODS, dtype=dtype)]
+  # The findings' cases first: an interrupted sweep has what the README leads with.
+  first = lambda c: (c.model, c.batch) not in (("L/16", 128), ("B/16", 32))
+  return Plan(gpu_aot=tuple(sorted(cases, key=first)), gpu_target=target, hlo_dir=hlo_dir)
 
 
 def _say(line: str):
@@ -130,11 +151,12 @@ def run(plan: Plan, *, say: Callable[[str], None] = _say, deadline_s: Optional[f
     return max(min(plan.child_timeout_s, deadline_s - (time.monotonic() - start)), 1.0)
 
   records = _Records(jax.default_backend(), str(jax.devices()[0].device_kind))
+  aot = _Records(gpu_aot.backend_name(plan.gpu_target), gpu_aot.DEVICES[plan.gpu_target])
 
   def attempt(what: str, fn):
     _try(say, what, fn)
     if on_progress is not None:
-      on_progress(list(records.by_case.values()))
+      on_progress(list(records.by_case.values()) + list(aot.by_case.values()))
 
   for case in plan.compiled:
     if late():
@@ -145,6 +167,12 @@ def run(plan: Plan, *, say: Callable[[str], None] = _say, deadline_s: Optional[f
       break
     attempt(f"measure {_name(case)}",
             lambda c=case: _measured(c, records[c], plan, say, env, child_timeout()))
+  for group in _groups(plan.gpu_aot):
+    if late():
+      break
+    attempt(f"compile {group[0].model} b{group[0].batch} {group[0].dtype} for"
+            f" {plan.gpu_target}",
+            lambda g=group: _gpu_aot(g, aot, plan, say, env, child_timeout()))
   for group in plan.timed:
     if late():
       break
@@ -156,7 +184,7 @@ def run(plan: Plan, *, say: Callable[[str], None] = _say, deadline_s: Optional[f
     if late():
       break
     attempt(f"cosine {_name(case)}", lambda c=case: _cosine(c, records[c], plan, say))
-  return list(records.by_case.values())
+  return list(records.by_case.values()) + list(aot.by_case.values())
 
 
 def _name(case: Case) -> str:
@@ -206,10 +234,35 @@ def _measured(case: Case, record: Record, plan: Plan, say, env, timeout_s: float
     record.compiled_peak_bytes = result["compiled_peak_bytes"]
   if record.bits_per_element is None and not case.method.exact:
     record.bits_per_element = bench_step.packed_bits(case)
+  if result.get("modeled"):
+    record.modeled = result["modeled"]
   if plan.ratios_from_children and result["step_times"]:
     record.step_time_s = statistics.median(result["step_times"])
   say(f"{_name(case)}: measured peak {_gib(record.measured_peak_bytes)}"
       f" ({record.measured_peak_kind}), compiled {_gib(record.compiled_peak_bytes)}")
+
+
+def _gpu_aot(group: Sequence[Case], records: _Records, plan: Plan, say, env, timeout_s: float):
+  # No shared executable cache: a compile-only GPU executable is of no use to anyone.
+  env = {k: v for k, v in env.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  results = gpu_aot.run_child(group, plan.gpu_target, timeout_s=timeout_s, env=env,
+                              hlo_dir=plan.hlo_dir)
+  for case in group:
+    result = results.get(case)
+    if result is None:
+      say(f"{_name(case)}: FAILED to compile for {plan.gpu_target} (see the errors above)")
+      continue
+    record = records[case]
+    record.compiled_peak_bytes = result["compiled_peak_bytes"]
+    record.bits_per_element = result["bits_per_element"]
+    record.modeled, record.settings = result["modeled"], result["settings"]
+    modeled = result["modeled"]
+    say(f"{_name(case)} on {plan.gpu_target}: compiled peak {_gib(record.compiled_peak_bytes)},"
+        f" modeled {modeled['time_s'] * 1e3:.1f} ms, {modeled['launches']} launches,"
+        f" {modeled['round_trips']} round trips (compiled in {result['compile_s']:.0f} s)")
+  missing = [c for c in group if c not in results]
+  if missing:
+    raise RuntimeError(f"{len(missing)} of {len(group)} cases did not compile")
 
 
 def _timed(group: Sequence[Case], records: _Records, plan: Plan, say):

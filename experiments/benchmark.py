@@ -3,7 +3,8 @@
   python experiments/benchmark.py           # regenerates results/ (about an hour, 2 cores)
   python experiments/benchmark.py --quick   # a few minutes: demo ViT and ViT-Ti/16
   python experiments/benchmark.py --render  # README.md and plots from results/*.json
-  experiments/gpu_check.sh                  # ViT-B/16 and L/16 at batch 128 on one GPU
+  python experiments/benchmark.py --gpu_aot # every ViT compiled for an H200 without one
+  experiments/gpu_check.sh                  # ViT-L/16 b128 and B/16 b32 on one real GPU
 
 Writes results/benchmark.json, results/README.md and two PNG plots (matplotlib: the
 `bench` extra). The logic is the benchmarks/ folder (python benchmarks/run.py is the

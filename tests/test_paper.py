@@ -128,3 +128,18 @@ def test_paper_preset_fields_and_errors():
     Policy(0.9, estimator="unbiased")
   with pytest.raises(ValueError, match="value_formats"):
     Policy(0.9, value_formats=(("gelu", "float32"),))
+
+
+def test_paper_preset_from_the_command_line():
+  from razor_jax.train import cli, setup  # pylint: disable=g-import-not-at-top
+  configs = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs")
+  config, _ = cli.parse(["--config", "demo", "--config.policy.preset=paper",
+                         "--config.prune_ratio=0.8", "--workdir", "unused"], configs)
+  assert setup.make_policy(config) == Policy.paper(0.8)
+  config, _ = cli.parse(["--config", "demo", "--config.policy.estimator=energy",
+                         "--workdir", "unused"], configs)
+  assert setup.make_policy(config) == Policy(0.9, estimator="energy")
+  config, _ = cli.parse(["--config", "demo", "--config.policy.preset=original",
+                         "--workdir", "unused"], configs)
+  with pytest.raises(ValueError, match="preset must be one of"):
+    setup.make_policy(config)

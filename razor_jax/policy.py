@@ -60,7 +60,11 @@ class Policy:
       "fused" packs its normalized input x_hat once for both backwards (projections see
       bias where x_hat was pruned; `block_ops`); "separate" packs its input x (its
       backward at the pruned x, exact mean and 1/std) and, again, its output for the
-      projections, as the original code does: two copies, more memory (see README).
+      projections, as the original code does: two copies, more memory. On the demo
+      ViT at 0.9 the two have the same fidelity to exact gradients (mean cosine per
+      parameter 0.660 fused vs 0.663 separate, backbone norm ratio 0.272 vs 0.273),
+      while the separate copies raise the compiled train step from 17.7 to 28.3 MiB
+      (with the rest of `Policy.paper`); README, "The original code's semantics".
     value_formats: per-op-type value formats overriding `value_format`, as
       ((op_type, format), ...) (the paper preset keeps LayerNorm inputs in float32).
     estimator: "none" (weight gradients from the pruned copy, the paper's rule) or

@@ -24,6 +24,17 @@ PRUNE_RATIOS = (0.0, 0.8, 0.9, 0.95, 0.97)  # 0.0 = full fine-tuning
 # v residuals have the lowest gradient cosines (results/README.md), so this one tells
 # how much of the gap they account for.
 EXTRA_METHODS = {"razor@0.9 attention exact": {"prune_ratio": 0.9, "policy": {"attention": 0.0}}}
+# Issue 13's methods: the original code's semantics, the GPU default (token rows, which
+# CPU runs must name), and the "energy" weight-gradient estimator on top of each.
+FIDELITY_METHODS = {
+    "razor@0.9 token": {"prune_ratio": 0.9, "policy": {"granularity": "token"}},
+    "paper@0.9": {"prune_ratio": 0.9, "policy": {"preset": "paper"}},
+    "razor@0.9 energy": {"prune_ratio": 0.9, "policy": {"estimator": "energy"}},
+    "razor@0.9 token energy": {"prune_ratio": 0.9,
+                               "policy": {"granularity": "token", "estimator": "energy"}},
+    "paper@0.9 energy": {"prune_ratio": 0.9, "policy": {"preset": "paper",
+                                                         "estimator": "energy"}},
+}
 SEEDS = (0, 1, 2)
 # Peak learning rates: the demo's for SGD (momentum 0.9); Adam's usual fine-tuning scale.
 OPTIMIZERS = {"sgd": {"optimizer": {"name": "sgd", "momentum": 0.9}, "lr": 0.03},

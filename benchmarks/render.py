@@ -17,8 +17,12 @@ def write(directory: str, *, command: str = "python experiments/benchmark.py",
   accuracy_doc = accuracy.load(os.path.join(directory, ACCURACY_JSON))
   path = os.path.join(directory, "README.md")
   os.makedirs(directory, exist_ok=True)
+  from benchmarks import fidelity  # pylint: disable=g-import-not-at-top
+  extra = fidelity.section(directory)
   with open(path, "w", encoding="utf-8") as f:
     f.write(report.render(rows, accuracy_doc, command=command))
+    if extra:
+      f.write("\n" + "\n".join(extra))
   written = [path]
   if plots and rows:
     from benchmarks import plots as bench_plots  # pylint: disable=g-import-not-at-top

@@ -6,6 +6,9 @@ Also Back Razor@0.9 with attention kept exact (benchmarks.accuracy.EXTRA_METHODS
   python experiments/transfer_accuracy.py --quick    # a smoke run of a few minutes
   python experiments/transfer_accuracy.py --steps 2000 --ratios 0,0.9 --no_extra
                                                      # a longer schedule, added beside
+  python experiments/transfer_accuracy.py --config demo_all --ratios 0,0.9 \
+      --methods paper@0.9,razor@0.9\ energy --optimizers sgd --seeds 0 --steps 500
+                                                     # issue 13's methods, second task
 
 Starts every run from the demo's pretrained ViT (experiments/configs/demo.py) and
 writes results/transfer_accuracy.json, then re-renders results/README.md. The logic
@@ -40,7 +43,18 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", default=",".join(map(str, accuracy.SEEDS)))
   parser.add_argument("--no_extra", action="store_true",
                       help="skip the extra methods (" + ", ".join(accuracy.EXTRA_METHODS) + ")")
+  parser.add_argument("--config", default="demo",
+                      help="the task's config in experiments/configs: demo (digits 5-9) or"
+                           " demo_all (all ten digits); results/transfer_accuracy[_CONFIG].json")
+  parser.add_argument("--methods", default="",
+                      help="comma list of issue 13's methods instead of the extra ones: "
+                           + ", ".join(accuracy.FIDELITY_METHODS))
   args = parser.parse_args(argv)
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = set(methods) - set(accuracy.FIDELITY_METHODS)
+  if unknown:
+    parser.error(f"--methods: unknown {sorted(unknown)}; expected some of"
+                 f" {list(accuracy.FIDELITY_METHODS)}")
   unknown = set(args.optimizers.split(",")) - set(accuracy.OPTIMIZERS)
   if unknown:
     parser.error(f"--optimizers: unknown {sorted(unknown)}; expected some of"
@@ -48,7 +62,7 @@ def main(argv=None) -> int:
   ratios = tuple(float(r) for r in args.ratios.split(","))
   if any(not 0.0 <= r < 1.0 for r in ratios):
     parser.error(f"--ratios: each prune ratio must be in [0, 1), got {args.ratios}")
-  base = cli.load_config("demo", os.path.join(HERE, "configs")).to_dict()
+  base = cli.load_config(args.config, os.path.join(HERE, "configs")).to_dict()
   if args.quick:
     out = args.out or os.path.join(tempfile.gettempdir(), "razor_jax_accuracy_quick.json")
     if os.path.exists(out) and not args.out:
@@ -56,9 +70,13 @@ def main(argv=None) -> int:
     accuracy.sweep(base, out, prune_ratios=(0.0, 0.9), extra=None, seeds=(0,),
                    optimizers=("sgd",), total_steps=60)
   else:
-    out = args.out or os.path.join(RESULTS, "transfer_accuracy.json")
-    accuracy.sweep(base, out, prune_ratios=ratios, extra=None if args.no_extra else
-                   accuracy.EXTRA_METHODS, seeds=tuple(int(x) for x in args.seeds.split(",")),
+    name = "transfer_accuracy.json" if args.config == "demo" else (
+        f"transfer_accuracy_{args.config}.json")
+    out = args.out or os.path.join(RESULTS, name)
+    extra = ({m: accuracy.FIDELITY_METHODS[m] for m in methods} if methods
+             else None if args.no_extra else accuracy.EXTRA_METHODS)
+    accuracy.sweep(base, out, prune_ratios=ratios, extra=extra,
+                   seeds=tuple(int(x) for x in args.seeds.split(",")),
                    optimizers=tuple(args.optimizers.split(",")), total_steps=args.steps)
     render.write(os.path.dirname(out))
   print("\n".join(accuracy.load_markdown(out)))

@@ -48,16 +48,20 @@ def _ln_project_fwd(x, scale, bias, kernels, biases, eps, spec, precision):
   rstd = lax.rsqrt(var + eps)
   # x_hat in x's dtype: its stored values are rounded to 4 or 8 bits or bfloat16 anyway,
   # and a bfloat16 model then unpacks half the bytes in the backward.
-  x_packed = spec.pack(_x_hat(x, mean, rstd).astype(x.dtype))
-  res = (x_packed, rstd, scale, bias, kernels, biases, jnp.zeros((0,), y.dtype),
-         jnp.zeros((0,), x.dtype))
+  x_hat = _x_hat(x, mean, rstd).astype(x.dtype)
+  x_packed = spec.pack(x_hat)
+  res = (x_packed, spec.energy(x_hat), rstd, scale, bias, kernels, biases,
+         jnp.zeros((0,), y.dtype), jnp.zeros((0,), x.dtype))
   return barriers.depend(outs, x_packed), res
 
 
 def _ln_project_bwd(eps, spec, precision, res, gs):
-  x_packed, rstd, scale, bias, kernels, biases, y_type, x_type = res
+  x_packed, energy, rstd, scale, bias, kernels, biases, y_type, x_type = res
   x_hat = packed.unpack(x_packed, after=gs[0]).astype(jnp.float32)
-  y = x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  # Under the "energy" estimator the projections' weight gradients see x_hat's pruned
+  # copy scaled by its group's |x_hat|^2 / |x_hat kept|^2; the LayerNorm's do not.
+  y = (spec.weight_copy(x_hat, energy) * scale.astype(jnp.float32)
+       + bias.astype(jnp.float32))
   _, vjp = jax.vjp(
       lambda a, ks, bs: ops.dense_multi_plain(a, ks, bs, (a.ndim - 1,), precision),
       y.astype(y_type.dtype), kernels, biases)
@@ -126,7 +130,12 @@ def layer_norm_dense_multi_reference(x, scale, bias, kernels, biases,
                            - x_hat * (x_hat * x32).mean(-1, keepdims=True))
   scale_sg = sg(scale)
   y_grad = lin * scale_sg + x_hat * (scale - scale_sg) + bias  # carries d/dx, d/dscale, d/dbias
-  y_pruned = sg(x_hat * scale + bias).astype(exact[0].dtype)   # what the weight gradient sees
+  # What the projections' weight gradients see (x_hat scaled under "energy").
+  x_hat_w = x_hat
+  if spec.estimator != "none":
+    x_hat_w = ops.weight_copy_reference(_x_hat(sg(x), mean, rstd).astype(x.dtype), spec)
+    x_hat_w = sg(x_hat_w.astype(jnp.float32))
+  y_pruned = sg(x_hat_w * scale + bias).astype(exact[0].dtype)
   y_grad = y_grad.astype(exact[0].dtype)
   axes = (x.ndim - 1,)
   outs = []

@@ -22,7 +22,11 @@ from jax import lax
 
 from razor_jax import barriers, packed
 
-GELU_FORMATS = ("uint8", "uint4", "uint2", "bfloat16")
+GELU_FORMATS = ("uint8", "uint4", "uint2", "bfloat16", "float16")
+# Storages that keep GELU's input itself, in this dtype.
+_GELU_INPUT_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# How a pruned copy estimates the weight gradient (see `PackSpec`).
+ESTIMATORS = ("none", "energy")
 # Bits of the derivative code per GELU format that codes the derivative.
 _GELU_CODE_BITS = {"uint8": 8, "uint4": 4, "uint2": 2}
 
@@ -34,10 +38,18 @@ class PackSpec:
   granularity: str = "sample"
   value_format: str = "auto"
   position_format: str = "auto"
+  keep_rule: str = "exact_k"   # packed.KEEP_RULES
+  # "none": weight gradients from the pruned copy as it is (the paper); "energy": that
+  # copy scaled per group by s = |a|^2 / |a_kept|^2 for the weight gradients only (one
+  # float32 per group stored), so their length is not shrunk by the pruning.
+  estimator: str = "none"
 
   def __post_init__(self):
     packed.check_prune_ratio(self.prune_ratio)
     packed.check_granularity(self.granularity)
+    packed.check_keep_rule(self.keep_rule, self.granularity)
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
     if self.value_format not in packed.VALUE_FORMATS:
       raise ValueError(
           f"value_format must be one of {packed.VALUE_FORMATS}, got {self.value_format!r}")
@@ -59,11 +71,34 @@ class PackSpec:
     return barriers.materialize(
         lambda a: packed.pack(a, self.prune_ratio, self.granularity,
                               value_format=self.value_format,
-                              position_format=self.position_format, row_ndim=row_ndim), x)
+                              position_format=self.position_format, row_ndim=row_ndim,
+                              keep_rule=self.keep_rule), x)
 
   def prune_reference(self, x, row_ndim: int = 1):
     return packed.prune_reference(x, self.prune_ratio, self.granularity, self.value_format,
-                                  row_ndim)
+                                  row_ndim, self.keep_rule)
+
+  def _energy_axes(self, ndim: int, row_ndim: int) -> tuple:
+    first = 1 if self.granularity == "sample" else ndim - row_ndim
+    return tuple(range(first, ndim))
+
+  def energy(self, x, row_ndim: int = 1):
+    """What the estimator stores besides the packed copy: per group |x|^2 (float32,
+    broadcastable to x), or None without an estimator."""
+    if self.estimator == "none":
+      return None
+    x32 = x.astype(jnp.float32)
+    return jnp.sum(x32 * x32, axis=self._energy_axes(x.ndim, row_ndim), keepdims=True)
+
+  def weight_copy(self, pruned, energy, row_ndim: int = 1):
+    """The pruned copy the weight gradients see: scaled per group by |x|^2 / |x_kept|^2
+    under the "energy" estimator (1 where nothing was kept), else `pruned` itself."""
+    if energy is None:
+      return pruned
+    p32 = pruned.astype(jnp.float32)
+    kept = jnp.sum(p32 * p32, axis=self._energy_axes(pruned.ndim, row_ndim), keepdims=True)
+    scale = jnp.where(kept > 0, energy / jnp.where(kept > 0, kept, 1.0), 1.0)
+    return (p32 * scale).astype(pruned.dtype)
 
 
 def is_exact(spec: Optional[PackSpec]) -> bool:
@@ -78,7 +113,7 @@ def check_packable(spec: Optional[PackSpec], **arrays):
     if not is_exact(spec):
       try:
         _, n = packed.group_shape(jnp.shape(x), spec.granularity)
-        packed.keep_count(n, spec.prune_ratio)
+        packed.keep_count(n, spec.prune_ratio, spec.keep_rule)
       except ValueError as e:
         raise ValueError(f"{name} of shape {jnp.shape(x)}: {e}") from None
 
@@ -142,13 +177,15 @@ def _dense_multi(x, kernels, biases, axes, spec, precision):
 def _dense_multi_fwd(x, kernels, biases, axes, spec, precision):
   out = dense_multi_plain(x, kernels, biases, axes, precision)
   # One packed copy of x serves every projection that reads it (q, k and v).
-  x_packed = spec.pack(x, row_ndim(axes, x.ndim))
-  return barriers.depend(out, x_packed), (x_packed, kernels, biases)
+  rows = row_ndim(axes, x.ndim)
+  x_packed = spec.pack(x, rows)
+  return barriers.depend(out, x_packed), (x_packed, spec.energy(x, rows), kernels, biases)
 
 
 def _dense_multi_bwd(axes, spec, precision, res, gs):
-  x_packed, kernels, biases = res
+  x_packed, energy, kernels, biases = res
   x_pruned = packed.unpack(x_packed, after=gs[0])
+  x_pruned = spec.weight_copy(x_pruned, energy, row_ndim(axes, x_pruned.ndim))
   # The op is bilinear in (x, kernel): its VJP at the pruned x gives dx from the
   # kernel alone and dkernel from the pruned copy, which is Back Razor's rule.
   _, vjp = jax.vjp(lambda a, ks, bs: dense_multi_plain(a, ks, bs, axes, precision),
@@ -201,8 +238,22 @@ def dense_general_reference(x, kernel, bias, spec: Optional[PackSpec], axis=-1, 
   exact = dense_general_plain(x, kernel, bias, axes, precision)
   if is_exact(spec):
     return exact
-  x_st = _straight_through(x, spec.prune_reference(x, row_ndim(axes, jnp.ndim(x))))
+  x_st = _straight_through(x, weight_copy_reference(x, spec, row_ndim(axes, jnp.ndim(x))))
   return with_value_of(exact, dense_general_plain(x_st, kernel, bias, axes, precision))
+
+
+def weight_copy_reference(x, spec: PackSpec, row_ndim: int = 1):
+  """What a weight gradient sees of x: the pruned copy, under "energy" scaled per group
+  by |x|^2 / |x_kept|^2 (written apart from `PackSpec.weight_copy`)."""
+  pruned = spec.prune_reference(x, row_ndim)
+  if spec.estimator == "none":
+    return pruned
+  first = 1 if spec.granularity == "sample" else x.ndim - row_ndim
+  axes = tuple(range(first, x.ndim))
+  total = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True)
+  kept = jnp.sum(jnp.square(pruned.astype(jnp.float32)), axis=axes, keepdims=True)
+  return jnp.where(kept > 0, pruned * (total / jnp.maximum(kept, 1e-38)),
+                   pruned).astype(x.dtype)
 
 
 def dense_reference(x, kernel, bias, spec: Optional[PackSpec], precision=None):
@@ -484,7 +535,7 @@ def _gelu_fwd(x, approximate, storage):
     bits = _GELU_CODE_BITS[storage]
     res = barriers.materialize(lambda a: _dgelu_codes(a, approximate, bits), x)
   else:
-    res = barriers.materialize(lambda a: a.astype(jnp.bfloat16), x)
+    res = barriers.materialize(lambda a: a.astype(_GELU_INPUT_DTYPES[storage]), x)
   return barriers.depend(y, res), res
 
 
@@ -506,8 +557,8 @@ def gelu(x, approximate: bool = True, storage: Optional[str] = "uint8"):
 
   Args:
     storage: "uint8", "uint4" or "uint2" keep gelu'(x) in that many bits over its fixed
-      range [-0.17, 1.13] (8 // bits codes to a byte); "bfloat16" keeps x in bf16;
-      None is the plain op (exact gradient).
+      range [-0.17, 1.13] (8 // bits codes to a byte); "bfloat16" / "float16" keep x in
+      that dtype (float16: the original code's); None is the plain op (exact gradient).
   """
   _check_float("x", x)
   if storage is None:
@@ -526,7 +577,7 @@ def gelu_reference(x, approximate: bool = True, storage: Optional[str] = "uint8"
     bits = _GELU_CODE_BITS[storage]
     d = _dequantize_dgelu(_quantize_dgelu(_gelu_grad(x32, approximate), bits), bits)
   else:
-    d = _gelu_grad(x32.astype(jnp.bfloat16).astype(jnp.float32), approximate)
+    d = _gelu_grad(x32.astype(_GELU_INPUT_DTYPES[storage]).astype(jnp.float32), approximate)
   lin = lax.stop_gradient(d) * x32
   return with_value_of(exact, lin.astype(x.dtype))
 
@@ -581,12 +632,12 @@ def _conv(x, kernel, bias, conv_kwargs, spec):
 def _conv_fwd(x, kernel, bias, conv_kwargs, spec):
   x_packed = spec.pack(x)
   y = _conv_plain(x, kernel, bias, conv_kwargs)
-  return barriers.depend(y, x_packed), (x_packed, kernel, bias)
+  return barriers.depend(y, x_packed), (x_packed, spec.energy(x), kernel, bias)
 
 
 def _conv_bwd(conv_kwargs, spec, res, g):
-  x_packed, kernel, bias = res
-  x_pruned = packed.unpack(x_packed, after=g)
+  x_packed, energy, kernel, bias = res
+  x_pruned = spec.weight_copy(packed.unpack(x_packed, after=g), energy)
   _, vjp = jax.vjp(lambda a, w, b: _conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
   return vjp(g)
 
@@ -621,5 +672,5 @@ def conv_reference(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
   exact = _conv_plain(x, kernel, bias, frozen)
   if is_exact(spec):
     return exact
-  x_st = _straight_through(x, spec.prune_reference(x))
+  x_st = _straight_through(x, weight_copy_reference(x, spec))
   return with_value_of(exact, _conv_plain(x_st, kernel, bias, frozen))

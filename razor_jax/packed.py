@@ -34,6 +34,11 @@ from jax import lax
 from razor_jax import barriers, codecs, selection
 
 GRANULARITIES = ("sample", "token")
+# Which elements a group keeps (see `keep_count`): "exact_k", K = round((1 - ratio) n)
+# with ties at the threshold broken by position; "threshold", the original PyTorch
+# code's rule: num_small = clip(floor(n ratio), 1, n), keep |a| >= the num_small-th
+# smallest |a| of the group, ties included (sample groups only).
+KEEP_RULES = ("exact_k", "threshold")
 VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8", "log4")
 POSITION_FORMATS = ("auto", "bitmask", "indices", "elias_fano")
 # What token rows accept ("auto" first: it resolves to the next one).
@@ -84,9 +89,26 @@ def group_shape(shape, granularity: str, row_ndim: int = 1) -> tuple[int, int]:
   return groups, size // groups
 
 
-def keep_count(group_size: int, prune_ratio: float) -> int:
-  """K = round((1 - prune_ratio) * n); raises if that keeps nothing."""
+def check_keep_rule(keep_rule: str, granularity: str = "sample") -> str:
+  if keep_rule not in KEEP_RULES:
+    raise ValueError(f"keep_rule must be one of {KEEP_RULES}, got {keep_rule!r}")
+  if keep_rule == "threshold" and granularity != "sample":
+    raise ValueError("keep_rule='threshold' (the original code's rule) prunes per sample;"
+                     f" got granularity={granularity!r}: use granularity='sample'")
+  return keep_rule
+
+
+def keep_count(group_size: int, prune_ratio: float, keep_rule: str = "exact_k") -> int:
+  """K = round((1 - prune_ratio) * n); raises if that keeps nothing.
+
+  keep_rule "threshold": the least number kept, n - num_small + 1 with num_small =
+  clip(floor(n * prune_ratio), 1, n) (the num_small-th smallest is kept too); ties with
+  it are kept on top of that (see `pack`).
+  """
   ratio = check_prune_ratio(prune_ratio)
+  if check_keep_rule(keep_rule) == "threshold":
+    num_small = min(max(int(math.floor(group_size * ratio)), 1), group_size)
+    return group_size - num_small + 1
   k = int(round((1.0 - ratio) * group_size))
   if k < 1:
     raise ValueError(
@@ -142,6 +164,9 @@ class Packed:
     1 + K + 7 ceil(K / 8)) of 15 bits per value (see `codecs.encode_bf16`); "int8":
     (groups, K) int8 steps of `scale`; "float16" / "float32": (groups, K) floats.
   scale: "int8" only: the float32 (groups,) step; else None.
+  ties: keep rule "threshold" only: uint32 (groups, 2, num_words) bitmasks of the
+    elements tied with the smallest kept magnitude t beyond the K stored (positive,
+    then negative ones); they unpack as +t and -t. Else None.
   """
   positions: jax.Array
   values: jax.Array
@@ -152,13 +177,14 @@ class Packed:
   granularity: str = struct.field(pytree_node=False)
   position_format: str = struct.field(pytree_node=False)
   value_format: str = struct.field(pytree_node=False)
+  ties: Optional[jax.Array] = None
 
   @property
   def group_size(self) -> int:
     return math.prod(self.shape) // self.values.shape[0]
 
   def nbytes(self) -> int:
-    leaves = [a for a in (self.positions, self.values, self.scale) if a is not None]
+    leaves = [a for a in (self.positions, self.values, self.scale, self.ties) if a is not None]
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves)
 
   def bits_per_element(self) -> float:
@@ -293,7 +319,8 @@ def _decode(packed: Packed) -> jax.Array:
 
 
 def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
-         value_format: str = "auto", position_format: str = "auto", row_ndim: int = 1):
+         value_format: str = "auto", position_format: str = "auto", row_ndim: int = 1,
+         keep_rule: str = "exact_k"):
   """Keeps the top-K magnitudes of each group of `x` in a compact static-shape form.
 
   Args:
@@ -310,14 +337,18 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
       "bitmask", "indices" or "elias_fano". Token rows: "auto" (= "elias_fano") or
       "indices" (b-bit indices).
     row_ndim: for "token", how many trailing axes make a row.
+    keep_rule: "exact_k" (above) or "threshold" (the original code's rule, sample
+      groups: every |a| >= the num_small-th smallest is kept, ties included; the K of
+      `keep_count` are stored as above, the ties beyond them as two sign bitmasks).
   """
   x = jnp.asarray(x)
+  check_keep_rule(keep_rule, granularity)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"pack expects a floating-point array, got dtype {x.dtype}")
   if check_granularity(granularity) == "token":
     return _pack_rows(x, prune_ratio, row_ndim, value_format, position_format)
   groups, n = group_shape(x.shape, granularity)
-  k = keep_count(n, prune_ratio)
+  k = keep_count(n, prune_ratio, keep_rule)
   if position_format not in POSITION_FORMATS:
     raise ValueError(f"position_format must be one of {POSITION_FORMATS}, got {position_format!r}")
   if position_format == "auto":
@@ -336,9 +367,39 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
     positions = pos.astype(_index_dtype(n))
   else:
     positions = codecs.ef_encode(index, n)
+  ties = _tie_masks(flat, kept, words) if keep_rule == "threshold" else None
   return Packed(positions=positions, values=values, scale=scale, k=k, shape=tuple(x.shape),
                 dtype=jnp.dtype(x.dtype), granularity=granularity,
-                position_format=position_format, value_format=value_format)
+                position_format=position_format, value_format=value_format, ties=ties)
+
+
+def _tie_masks(flat, kept, words):
+  """(groups, 2, words) bitmasks of the elements tied with the smallest kept magnitude
+  that the K stored values leave out: positive ones, then negative ones.
+
+  The original keeps every |a| >= t; ties there have magnitude t, so their sign is all
+  there is to store (a float input rarely has any, but an input with many zeros does).
+  """
+  n = flat.shape[1]
+  t = jnp.min(jnp.abs(kept), axis=1, keepdims=True)
+
+  def extra(positive):
+    def fn(flat, t, words):
+      left_out = (jnp.abs(flat) == t) & ~codecs.bitmask_to_mask(words, n)
+      return left_out & ((flat > 0) if positive else (flat < 0))
+    return fn
+
+  return jnp.stack([codecs.bitmask(extra(True), flat, t, words),
+                    codecs.bitmask(extra(False), flat, t, words)], axis=1)
+
+
+def _add_ties(dense, packed: Packed, values):
+  """`dense` (groups, n) with the ties of `packed` set to +-t, t the smallest stored magnitude."""
+  n = dense.shape[1]
+  t = jnp.min(jnp.abs(values.astype(jnp.float32)), axis=1, keepdims=True).astype(dense.dtype)
+  pos = codecs.bitmask_to_mask(packed.ties[:, 0], n)
+  neg = codecs.bitmask_to_mask(packed.ties[:, 1], n)
+  return jnp.where(pos, t, jnp.where(neg, -t, dense))
 
 
 def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
@@ -388,16 +449,26 @@ def unpack(packed: Packed, after: Optional[jax.Array] = None) -> jax.Array:
     zeros = barriers.zeros_after((groups, n), packed.dtype, packed.positions)
     dense = zeros.at[rows, packed.positions.astype(jnp.int32)].set(
         values, mode="drop", unique_indices=True)
+  if packed.ties is not None:
+    dense = _add_ties(dense.astype(packed.dtype), packed, values)
   return dense.reshape(packed.shape).astype(packed.dtype)
 
 
 def prune_reference(x: jax.Array, prune_ratio: float, granularity: str = "sample",
-                    value_format: str = "auto", row_ndim: int = 1) -> jax.Array:
+                    value_format: str = "auto", row_ndim: int = 1,
+                    keep_rule: str = "exact_k") -> jax.Array:
   """Dense masked copy that `unpack(pack(x))` must equal; written with plain jnp."""
+  check_keep_rule(keep_rule, granularity)
   groups, n = group_shape(x.shape, granularity, row_ndim)
-  k = keep_count(n, prune_ratio)
+  k = keep_count(n, prune_ratio, keep_rule)
   flat = x.reshape(groups, n)
-  if granularity == "token":
+  if keep_rule == "threshold":
+    value_format = _value_format(value_format, x.dtype)
+    # The original's kthvalue: the num_small-th smallest magnitude, every one >= it kept.
+    mags = jnp.abs(flat).astype(jnp.float32)
+    t = jnp.sort(mags, axis=1)[:, n - k]
+    mask = mags >= t[:, None]
+  elif granularity == "token":
     value_format, _ = _row_formats(value_format, "auto", x.dtype)
     mask = selection.rows_mask_reference(flat, k)
   else:

@@ -68,7 +68,7 @@ def _take(iterator, count):
 def test_table_has_the_standard_datasets():
   expected = {"caltech_birds2011": 200, "oxford_flowers102": 102, "cifar10": 10, "cifar100": 100,
               "oxford_iiit_pet": 37, "food101": 101, "cars196": 196, "digits_demo": 5,
-              "digits_demo/pretrain": 5, "digits_demo/finetune": 5}
+              "digits_demo/pretrain": 5, "digits_demo/finetune": 5, "digits_demo/all": 10}
   for name, classes in expected.items():
     assert data.num_classes(name) == classes
     info = data.DATASETS[name]
@@ -169,7 +169,8 @@ def test_digits_demo_is_built_on_disk_from_scikit_learn(digits_dir):
   from sklearn.datasets import load_digits
   digits = load_digits()
   test_rows = np.array([digits_demo.is_test(i) for i in range(len(digits.target))])
-  for config, classes in (("pretrain", range(0, 5)), ("finetune", range(5, 10))):
+  for config, classes in (("pretrain", range(0, 5)), ("finetune", range(5, 10)),
+                          ("all", range(0, 10))):
     name = f"digits_demo/{config}"
     in_config = np.isin(digits.target, list(classes))
     assert data.num_examples(name, "train", digits_dir) == np.sum(in_config & ~test_rows)

@@ -21,7 +21,7 @@ def test_gelu_storage_auto_follows_pruning():
   assert Policy(0.0, gelu_storage="bfloat16").gelu == "bfloat16"
   assert Policy(0.9, gelu_storage=None).gelu is None
   with pytest.raises(ValueError, match=r"gelu_storage must be one of \('auto', 'uint8', "
-                                       r"'uint4', 'uint2', 'bfloat16'\) or None"):
+                                       r"'uint4', 'uint2', 'bfloat16', 'float16'\) or None"):
     Policy(0.9, gelu_storage="int4")
 
 

@@ -5,10 +5,11 @@ wheel, so this builder needs no network. Each digit becomes a 32x32 RGB uint8 im
 dark ink on a white background, upsampled with separable bilinear interpolation (an
 exact numpy computation, so every machine builds identical bytes).
 
-Two configs split the classes, for a pretrain-then-transfer demo:
+Configs split the classes, for a pretrain-then-transfer demo:
 
   digits_demo/pretrain   digits 0-4, labels 0-4
   digits_demo/finetune   digits 5-9, labels 0-4 (label = digit - 5)
+  digits_demo/all        digits 0-9, labels 0-9 (a second transfer task, new head)
 
 Each has a deterministic `train` / `test` split: image i of scikit-learn's order goes
 to `test` when i % 5 == 4 (20%), otherwise to `train`.
@@ -66,6 +67,10 @@ class DigitsDemo(tfds.core.GeneratorBasedBuilder):
                    description="Digits 0-4 (labels 0-4), to pretrain on."),
       DigitsConfig(name="finetune", digits=(5, 6, 7, 8, 9),
                    description="Digits 5-9 (labels 0-4 = digit - 5), to fine-tune on."),
+      # A second transfer task from the same checkpoint: ten classes, a new head, half
+      # of them unseen in pretraining (its test images are held out of pretraining too).
+      DigitsConfig(name="all", digits=tuple(range(10)),
+                   description="All ten digits (label = digit), to fine-tune on."),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -12,6 +12,7 @@ Dataset names (`DATASETS`; train split / eval split, classes):
   digits_demo         = digits_demo/finetune
   digits_demo/finetune  train / test  5  digits 5-9 of scikit-learn, labels digit - 5
   digits_demo/pretrain  train / test  5  digits 0-4
+  digits_demo/all       train / test  10 all ten digits, label = digit
   folder:PATH         PATH/train/CLASS/IMAGE and PATH/test/CLASS/IMAGE (or validation/, val/)
 
 TFDS datasets are read from `data_dir` (default $TFDS_DATA_DIR, else
@@ -92,6 +93,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
     DatasetInfo("cars196", "train", "test", 196, "cars196", manual_only=True, notes=_CARS_NOTE),
     DatasetInfo("digits_demo/pretrain", "train", "test", 5, "digits_demo/pretrain", **_DIGITS),
     DatasetInfo("digits_demo/finetune", "train", "test", 5, "digits_demo/finetune", **_DIGITS),
+    DatasetInfo("digits_demo/all", "train", "test", 10, "digits_demo/all", **_DIGITS),
 ]}
 DATASETS["digits_demo"] = dataclasses.replace(DATASETS["digits_demo/finetune"], name="digits_demo")
 

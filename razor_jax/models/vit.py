@@ -120,7 +120,7 @@ def _ln_then_project(policy: Policy, x, ln, kernels, biases, dtype):
   (x,) = _cast(dtype, x)
   scale, bias = ln
   ln_spec, dense_spec = policy.spec("layer_norm"), policy.spec("dense")
-  if ln_spec is not None and dense_spec is not None:
+  if ln_spec is not None and dense_spec is not None and policy.layer_norm_mode == "fused":
     shared = ln_spec if ln_spec.prune_ratio <= dense_spec.prune_ratio else dense_spec
     return block_ops.layer_norm_dense_multi(x, scale, bias, kernels, biases, shared)
   y = ops.layer_norm(x, *_cast(dtype, scale, bias), ln_spec)
@@ -221,7 +221,9 @@ class Encoder(nn.Module):
       # LayerNorm is per token: normalizing only the cls token gives the same output
       # as normalizing every token and then selecting it, without storing the sequence.
       return ops.layer_norm(x[:, 0], scale, bias, None)
-    return ops.layer_norm(x, scale, bias, self.policy.spec("layer_norm"))
+    # The original keeps the encoder norm exact (its "separate" mode is the paper preset's).
+    spec = None if self.policy.layer_norm_mode == "separate" else self.policy.spec("layer_norm")
+    return ops.layer_norm(x, scale, bias, spec)
 
 
   def _scan_blocks(self, x, train: bool, kwargs):

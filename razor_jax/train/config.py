@@ -56,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   # encoder's; the patch embedding and the head stay exact, as in the paper).
   config.prune_ratio = 0.9  # fraction of each activation pruned; 0 = full fine-tuning
   config.policy = ml_collections.ConfigDict()  # razor_jax.Policy's fields; unset = prune_ratio
+  # "default" (the fields below) or "paper" (razor_jax.Policy.paper(prune_ratio): the
+  # original code's semantics; the fields below other than estimator are then ignored).
+  config.policy.preset = "default"
+  # Weight gradients: "none" (from the pruned copy, the paper's rule) or "energy" (that
+  # copy rescaled per group by |a|^2 / |a_kept|^2; one float per group more).
+  config.policy.estimator = "none"
   config.policy.dense = config_dict.placeholder(float)  # qkv/out projections and MLP layers
   config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V
   config.policy.layer_norm = config_dict.placeholder(float)  # layer norms

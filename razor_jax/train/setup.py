@@ -96,18 +96,26 @@ def _round_up(x: int, multiple: int) -> int:
 
 # The op types a ViT run can set apart (its patch embedding, a conv, stays exact).
 POLICY_OP_TYPES = ("dense", "attention", "layer_norm")
+POLICY_PRESETS = ("default", "paper")
 
 
 def make_policy(config, *, full_finetuning: bool = False) -> Policy:
   """The Back Razor policy of `config`; `Policy(0.0)` (plain autodiff) for full fine-tuning."""
   if full_finetuning:
     return Policy(0.0)
+  preset = config.policy.get("preset", "default")
+  estimator = config.policy.get("estimator", "none")
+  if preset not in POLICY_PRESETS:
+    raise ValueError(f"config.policy.preset must be one of {POLICY_PRESETS}, got {preset!r}")
+  if preset == "paper":
+    return Policy.paper(config.prune_ratio, estimator=estimator)
   per_op = {op: config.policy[op] for op in POLICY_OP_TYPES if config.policy[op] is not None}
   gelu = config.policy.gelu_storage
   return Policy.make(config.prune_ratio, ratios=per_op, granularity=config.policy.granularity,
                      value_format=config.policy.value_format,
                      position_format=config.policy.position_format,
-                     gelu_storage=None if gelu in ("exact", "", None) else gelu)
+                     gelu_storage=None if gelu in ("exact", "", None) else gelu,
+                     estimator=estimator)
 
 
 def build_model(config, num_classes: int, *, full_finetuning: bool = False):

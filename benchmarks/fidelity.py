@@ -1,0 +1,279 @@
+"""Gradient fidelity and memory per policy: the paper preset, the defaults, the estimator.
+
+Fidelity: on the demo ViT (pretrained on digits 0-4, its own 5-class head) and real
+digit batches (digits_demo's first augmented training batches), each policy's
+gradients against exact ones, per parameter of the encoder blocks (layers unstacked):
+the cosine and the norm ratio |g| / |g_exact|, averaged over parameters and batches,
+and the same two for the whole backbone (every block parameter in one vector).
+Parameters whose exact gradient is negligible (the key bias) are left out.
+
+Memory: XLA:CPU's compiled peak of one gradient evaluation (params and batch in,
+gradients out; no optimizer) of the demo ViT at batch 64 and of ViT-B/16 at batch 32,
+224 px, 100 classes. No GPU compile here: this is run without one.
+
+Accuracy (`--accuracy`): transfer runs of the same policies on both demo tasks (digits
+5-9, and all ten digits with a new head) through benchmarks/accuracy.py, resuming
+whatever results/fidelity_accuracy_{demo,demo_all}.json already hold.
+
+  python -m benchmarks.fidelity [--batches 3] [--no_memory] [--accuracy]
+
+writes results/fidelity.json, then re-renders results/README.md (its section "Fidelity:
+the paper preset, the defaults and the energy estimator").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import records
+from razor_jax import Policy
+from razor_jax.models import vit
+from flax import traverse_util
+
+from razor_jax.models.vit_checkpoint import unstack_blocks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, os.pardir, "results")
+CHECKPOINT = os.path.join(HERE, os.pardir, "experiments", "assets", "vit_demo_digits.npz")
+DEMO_SIZES = dict(patch_size=4, hidden_size=64, mlp_dim=128, num_heads=4, num_layers=4)
+FIDELITY_JSON = "fidelity.json"
+
+# label -> policy; "sample" and "token" named, as a CPU run of "auto" resolves to sample.
+POLICIES = {
+    "full": Policy(0.0),
+    "paper preset (Policy.paper)": Policy.paper(0.9),
+    "paper preset, fused LayerNorm": Policy.paper(0.9, layer_norm_mode="fused"),
+    "default, CPU (sample groups)": Policy(0.9, granularity="sample"),
+    "default, GPU (token rows, log4)": Policy(0.9, granularity="token"),
+    "paper preset + energy": Policy.paper(0.9, estimator="energy"),
+    "default CPU + energy": Policy(0.9, granularity="sample", estimator="energy"),
+    "default GPU + energy": Policy(0.9, granularity="token", estimator="energy"),
+}
+# What the memory stage compiles: case -> (variant, batch, image size, classes, policies).
+# ViT-B/16 compiles take minutes each on a busy CPU, so fewer policies there.
+MEMORY_CASES = {
+    "demo ViT, batch 64, 32 px": (None, 64, 32, 5, (
+        "full", "paper preset (Policy.paper)", "paper preset, fused LayerNorm",
+        "default, CPU (sample groups)", "default, GPU (token rows, log4)",
+        "default CPU + energy")),
+    "ViT-B/16, batch 32, 224 px": ("B/16", 32, 224, 100, (
+        "paper preset (Policy.paper)", "default, CPU (sample groups)",
+        "default, GPU (token rows, log4)")),
+}
+NEGLIGIBLE = 1e-6  # of the largest parameter's exact gradient norm
+# Transfer tasks: label -> (config in experiments/configs, results file).
+TASKS = {"digits 5-9 (demo)": ("demo", "fidelity_accuracy_demo.json"),
+         "all ten digits, new head (demo_all)": ("demo_all", "fidelity_accuracy_demo_all.json")}
+# The accuracy scope run by --accuracy (SGD first: its gap is the open question).
+ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 token",
+                    "razor@0.9 token energy")
+ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2))
+
+
+def _model(policy: Policy, **kw):
+  return vit.ViT(num_classes=kw.pop("num_classes", 5), policy=policy, **{**DEMO_SIZES, **kw})
+
+
+def _grad_fn(policy: Policy):
+  model = _model(policy)
+
+  def loss(params, images, labels):
+    logits = model.apply({"params": params}, images, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return jax.jit(jax.grad(loss))
+
+
+def _leaves(tree) -> dict:
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  return {k: np.asarray(v, np.float64) for k, v in unstack_blocks(flat).items()
+          if "encoderblock" in k}
+
+
+def compare(grads: dict, exact: dict) -> dict:
+  """Mean / min cosine and mean norm ratio over parameters; backbone cosine and ratio."""
+  floor = NEGLIGIBLE * max(np.linalg.norm(e) for e in exact.values())
+  cos, ratio = [], []
+  for k, e in exact.items():
+    g, ne = grads[k], np.linalg.norm(e)
+    if ne <= floor:
+      continue
+    ng = np.linalg.norm(g)
+    cos.append(float(g.ravel() @ e.ravel() / (ng * ne)) if ng else 0.0)
+    ratio.append(float(ng / ne))
+  g_all = np.concatenate([grads[k].ravel() for k in exact])
+  e_all = np.concatenate([exact[k].ravel() for k in exact])
+  return {"mean_cosine": float(np.mean(cos)), "min_cosine": float(np.min(cos)),
+          "mean_norm_ratio": float(np.mean(ratio)),
+          "backbone_cosine": float(g_all @ e_all / np.linalg.norm(g_all) / np.linalg.norm(e_all)),
+          "backbone_norm_ratio": float(np.linalg.norm(g_all) / np.linalg.norm(e_all))}
+
+
+def fidelity(batches: int = 3, batch_size: int = 64, say=print) -> dict:
+  """label -> the `compare` figures averaged over `batches` real batches."""
+  from benchmarks import demo_data  # pylint: disable=g-import-not-at-top  (imports TF)
+  init = jax.eval_shape(lambda: _model(Policy(0.0)).init(jax.random.key(0),
+                                                          jnp.zeros((1, 32, 32, 3))))
+  params = vit.load_pretrained(CHECKPOINT, init["params"], keep_head=True)
+  data = [demo_data.train_batch(batch_size, seed=s) for s in range(batches)]
+  exact_fn = _grad_fn(Policy(0.0))
+  exact = [_leaves(exact_fn(params, b["image"], b["label"])) for b in data]
+  out = {}
+  for label, policy in POLICIES.items():
+    began = time.monotonic()
+    fn = _grad_fn(policy)
+    per_batch = [compare(_leaves(fn(params, b["image"], b["label"])), e)
+                 for b, e in zip(data, exact)]
+    out[label] = {k: float(np.mean([p[k] for p in per_batch])) for k in per_batch[0]}
+    say(f"{label}: {out[label]} ({time.monotonic() - began:.0f} s)")
+  return out
+
+
+def compiled_peak_mib(policy: Policy, variant: Optional[str], batch: int, image: int,
+                      num_classes: int) -> float:
+  """XLA's compiled peak of one gradient evaluation, in MiB (nothing runs)."""
+  from razor_jax import memory  # pylint: disable=g-import-not-at-top
+  kw = dict(variant=variant, num_classes=num_classes) if variant else dict(
+      num_classes=num_classes)
+  model = _model(policy, **kw)
+  images = jax.ShapeDtypeStruct((batch, image, image, 3), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image, image, 3))))
+
+  def grad(p, x, y):
+    return jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(q, x, train=True), y).mean())(p)
+  return memory.compiled_memory(grad, params, images, labels).peak_bytes / 2**20
+
+
+def memory_table(say=print) -> dict:
+  out = {}
+  for case, (variant, batch, image, classes, labels) in MEMORY_CASES.items():
+    out[case] = {}
+    for label in labels:
+      began = time.monotonic()
+      out[case][label] = compiled_peak_mib(POLICIES[label], variant, batch, image, classes)
+      say(f"{case} {label}: {out[case][label]:.1f} MiB ({time.monotonic() - began:.0f} s)")
+  return out
+
+
+def markdown(doc: dict) -> list[str]:
+  """The fidelity and memory tables of results/fidelity.json, as markdown lines."""
+  lines = [f"Demo ViT at 0.9, {doc['batches']} real batches of {doc['batch_size']} digits;"
+           " per encoder parameter against exact gradients (`python -m benchmarks.fidelity`).",
+           "", "| policy | mean cosine | min cosine | mean norm ratio | backbone cosine |"
+           " backbone norm ratio |", "|---|---|---|---|---|---|"]
+  for label, f in doc["fidelity"].items():
+    lines.append(f"| {label} | {f['mean_cosine']:.3f} | {f['min_cosine']:.3f} |"
+                 f" {f['mean_norm_ratio']:.3f} | {f['backbone_cosine']:.3f} |"
+                 f" {f['backbone_norm_ratio']:.3f} |")
+  if doc.get("memory"):
+    cases = list(doc["memory"])
+    lines += ["", "Compiled peak of one gradient evaluation (XLA:CPU, MiB; no optimizer):", "",
+              "| policy | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for label in doc["memory"][cases[0]]:
+      cells = [doc["memory"][c].get(label) for c in cases]
+      lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.1f}"
+                                               for v in cells) + " |")
+  return lines + [""]
+
+
+def run_accuracy(directory: str = RESULTS, scope: Optional[dict] = None, say=print):
+  """The transfer runs of ACCURACY_SCOPE on every task (resumable; hours on 2 CPU cores)."""
+  from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
+  from razor_jax.train import cli  # pylint: disable=g-import-not-at-top
+  scope = scope or ACCURACY_SCOPE
+  configs = os.path.join(HERE, os.pardir, "experiments", "configs")
+  extra = {m: accuracy.FIDELITY_METHODS[m] for m in ACCURACY_METHODS}
+  for optimizer in scope["optimizers"]:
+    for steps in scope["steps"]:
+      for config, name in TASKS.values():
+        base = cli.load_config(config, configs).to_dict()
+        accuracy.sweep(base, os.path.join(directory, name), prune_ratios=(0.0, 0.9),
+                       extra=extra, seeds=scope["seeds"], optimizers=(optimizer,),
+                       total_steps=steps, say=say)
+
+
+def accuracy_markdown(directory: str = RESULTS) -> list[str]:
+  """Per task, top-1 of each method: mean ± std over the seeds run, gap to full."""
+  from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
+  lines = []
+  for task, (_, name) in TASKS.items():
+    doc = accuracy.load(os.path.join(directory, name))
+    if not doc or not doc.get("runs"):
+      continue
+    examples = doc["runs"][0]["eval_examples"]
+    lines += [f"**{task}** ({examples} test images: one image is {100 / examples:.2f} points)",
+              "", "| optimizer | steps | method | seeds | top-1 (%) | gap to full |",
+              "|---|---|---|---|---|---|"]
+    for row in accuracy.summarize(doc["runs"]):
+      gap = "—" if row["gap_to_full"] is None else f"{row['gap_to_full']:+.2f}"
+      lines.append(f"| {row['optimizer']} | {row['total_steps']} | {row['method']} |"
+                   f" {row['seeds']} | {row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {gap} |")
+    for note in doc.get("notes", []):
+      lines += ["", note]
+    lines.append("")
+  return lines
+
+
+def section(directory: str = RESULTS) -> list[str]:
+  """results/README.md's section on issue 13's measurements (empty if none were made)."""
+  doc = load(directory)
+  acc = accuracy_markdown(directory)
+  if not doc and not acc:
+    return []
+  lines = ["## Fidelity: the paper preset, the defaults and the energy estimator", "",
+           "`Policy.paper(0.9)` is the original PyTorch code's rule op by op (threshold keep",
+           "with ties, float16 values, LayerNorm input and output pruned separately, float16",
+           "GELU input); the defaults fuse each LayerNorm with its projections (one packed",
+           "copy of x_hat). \"energy\" scales each group's pruned copy by |a|^2 / |a_kept|^2",
+           "in weight gradients only. Regenerated by `python -m benchmarks.fidelity",
+           "--accuracy` (fidelity, memory, then the resumable transfer runs).", ""]
+  if doc:
+    lines += markdown(doc)
+  if acc:
+    lines += ["Transfer accuracy of these policies (SGD momentum 0.9 lr 0.03 / Adam lr 1e-3,",
+              "the demo's schedule; the rows are what has been run so far):", "", *acc]
+  return lines
+
+
+def load(directory: str = RESULTS) -> Optional[dict]:
+  path = os.path.join(directory, FIDELITY_JSON)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, default=3)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--no_memory", action="store_true")
+  parser.add_argument("--accuracy", action="store_true",
+                      help="also run the transfer runs of ACCURACY_SCOPE (hours; resumable)")
+  parser.add_argument("--out", default=os.path.join(RESULTS, FIDELITY_JSON))
+  args = parser.parse_args(argv)
+  doc = {"batches": args.batches, "batch_size": args.batch_size,
+         "fidelity": fidelity(args.batches, args.batch_size)}
+  if not args.no_memory:
+    doc["memory"] = memory_table()
+  records.write_json(args.out, doc)
+  print("\n".join(markdown(doc)))
+  directory = os.path.dirname(os.path.abspath(args.out))
+  if args.accuracy:
+    run_accuracy(directory)
+  from benchmarks import render  # pylint: disable=g-import-not-at-top
+  render.write(directory, plots=False)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

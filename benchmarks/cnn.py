@@ -35,7 +35,7 @@ from razor_jax import memory
 from razor_jax.models import mobilenet
 from razor_jax.policy import Policy
 
-BASE_METHODS = ("full", "actnn", "tinytl_b", "tinytl_lb")
+BASE_METHODS = ("full", "full_bnfixed", "actnn", "tinytl_b", "tinytl_lb")
 # Back Razor's storage variants: name -> (value_format, position_format) of the policy.
 RAZOR_FORMATS = {"razor": ("auto", "auto"),  # bf16 values in 15 bits, bitmask positions
                  "razor_ef": ("auto", "elias_fano"),  # Elias-Fano positions (~0.5 bit at 0.9)
@@ -58,6 +58,8 @@ class CnnCase:
                   batch_norm="fixed")
     if name == "full":
       return dict(prune_ratio=0.0, batch_norm="train")
+    if name == "full_bnfixed":  # razor's control: exact gradients, BatchNorm fixed
+      return dict(prune_ratio=0.0, batch_norm="fixed")
     if name == "actnn":
       return dict(compression="actnn", batch_norm="train")
     if name == "tinytl_b":

@@ -118,7 +118,9 @@ class CNN(nn.Module):
   batch_norm: str = "train"  # "train", "frozen" or "fixed"
   finetune: str = "all"  # "all", "biases" or "lite_residual+biases"
   bn_epsilon: float = 1e-3  # Keras's and the ProxylessNAS release's
-  bn_momentum: float = 0.999  # weight of the old running average
+  # Weight of the old running average: PyTorch's 0.1 update (Keras's 0.999 leaves a short
+  # fine-tuning run evaluating with statistics still close to the initial ones).
+  bn_momentum: float = 0.9
   dropout_rate: float = 0.0  # before the classifier
   dtype: Any = jnp.float32  # compute dtype; params stay float32
 

@@ -268,7 +268,6 @@ def encode_bf16(kept: jax.Array) -> jax.Array:
 
 def decode_bf16(payload: jax.Array, k: int) -> jax.Array:
   """(groups, K) bfloat16 from the payload of `encode_bf16`."""
-  groups = payload.shape[0]
   base = payload[:, :1].astype(jnp.int32)
   code = payload[:, 1:1 + k].astype(jnp.int32)
   mant = unpack_planes(payload[:, 1 + k:], _MANTISSA_BITS, k)

@@ -110,13 +110,18 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--methods", nargs="+", default=list(METHODS))
+  parser.add_argument("--optimizers", nargs="+", default=["adam", "sgd"])
+  parser.add_argument("--adam_lr", type=float, default=1e-3)
+  parser.add_argument("--sgd_lr", type=float, default=0.05)  # momentum 0.9
   parser.add_argument("--out", default="results/cnn_digits.json")
   args = parser.parse_args(argv)
   digits = load_digits()
   if not os.path.exists(ASSET):
     pretrain(digits)
   base_params, base_stats = load_pretrained()
-  optimizers = {"adam": lambda: optax.adam(1e-3), "sgd": lambda: optax.sgd(0.05, momentum=0.9)}
+  optimizers = {"adam": lambda: optax.adam(args.adam_lr),
+                "sgd": lambda: optax.sgd(args.sgd_lr, momentum=0.9)}
+  optimizers = {k: optimizers[k] for k in args.optimizers}
   rows = []
   for method in args.methods:
     for opt_name, make_tx in optimizers.items():
@@ -130,7 +135,8 @@ def main(argv=None):
         params, stats = train(case, params, {**v["batch_stats"], **base_stats}, digits["finetune"]["train"],
                               args.steps, make_tx(), seed)
         acc = accuracy(case, params, stats, digits["finetune"]["test"])
-        rows.append(dict(method=method, optimizer=opt_name, seed=seed, batch=args.batch,
+        lr = args.adam_lr if opt_name == "adam" else args.sgd_lr
+        rows.append(dict(method=method, optimizer=opt_name, lr=lr, seed=seed, batch=args.batch,
                          steps=args.steps, test_accuracy=acc, seconds=round(time.time() - start)))
         print(rows[-1], flush=True)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

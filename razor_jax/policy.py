@@ -50,7 +50,8 @@ class Policy:
       whichever is smaller), "elias_fano", "indices", "bitmask" (groups only).
     gelu_storage: what GELU keeps for its backward: "auto" (exact when the policy
       prunes nothing, else "uint2"), "uint8" / "uint4" / "uint2" (its derivative in
-      that many bits), "bfloat16" (its input in bf16) or None (exact).
+      that many bits), "bfloat16" / "float16" (its input in that dtype; "float16" is the
+      original code's) or None (exact).
     ratios: per-op-type prune ratios overriding `prune_ratio`, as ((op_type, ratio), ...);
       build it with `Policy.make(..., attention=0.0)`.
     keep_rule: "exact_k" (K = round((1 - ratio) n) kept, ties broken by position) or

@@ -1,0 +1,163 @@
+"""CNN fine-tuning methods side by side: saved-activation bytes and compiled peaks.
+
+The methods of the paper's CNN tables (appendix Tables 2-5), as fields of
+`razor_jax.models.mobilenet.CNN`:
+
+  full        full fine-tuning, BatchNorm trained in train mode (plain autodiff).
+  razor@R     (razor_ef@R, razor_int8@R: smaller position / value formats, see
+              RAZOR_FORMATS) Back Razor as the original CNN runs (`--transfer_learning_method full_noBN
+              --backRazor`): every conv and the classifier keep their input pruned at R,
+              ReLU6 a 1-bit mask, BatchNorm fixed (running statistics, no gradient).
+  actnn       ActNN-style: conv, classifier and train-mode BatchNorm inputs in 2 bits per
+              element (groups of 256, stochastic rounding), ReLU6 a 1-bit mask.
+  tinytl_b    TinyTL-B: biases and the classifier only, BatchNorm frozen.
+  tinytl_lb   TinyTL-L+B: TinyTL-B plus a lite residual branch per block.
+
+"Saved-activation bytes" are what the backward keeps of one step's activations, read
+from the traced gradient (`saved_residuals`: every residual that is not a parameter),
+at the batch given: the accounting of the paper's Tables 2-4 (TinyTL's convention).
+`paper_total_bytes` adds, as TinyTL's profiler does, trainable params at 32 bits and
+frozen ones at 8 bits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from jax._src import ad_checkpoint  # saved_residuals: public as print_saved_residuals only
+
+from razor_jax import memory
+from razor_jax.models import mobilenet
+from razor_jax.policy import Policy
+
+BASE_METHODS = ("full", "full_bnfixed", "actnn", "tinytl_b", "tinytl_lb")
+# Back Razor's storage variants: name -> (value_format, position_format) of the policy.
+RAZOR_FORMATS = {"razor": ("auto", "auto"),  # bf16 values in 15 bits, bitmask positions
+                 "razor_ef": ("auto", "elias_fano"),  # Elias-Fano positions (~0.5 bit at 0.9)
+                 "razor_int8": ("int8", "elias_fano")}  # and int8 values
+
+
+@dataclasses.dataclass(frozen=True)
+class CnnCase:
+  arch: str = "proxyless_mobile"
+  method: str = "razor@0.9"
+  batch: int = 8
+  image_size: int = 224
+  num_classes: int = 102  # Flowers-102, the paper's Tables 3-5
+
+  def model_kwargs(self) -> dict:
+    name, _, ratio = self.method.partition("@")
+    if name in RAZOR_FORMATS and ratio:
+      values, positions = RAZOR_FORMATS[name]
+      return dict(policy=Policy(float(ratio), value_format=values, position_format=positions),
+                  batch_norm="fixed")
+    if name == "full":
+      return dict(prune_ratio=0.0, batch_norm="train")
+    if name == "full_bnfixed":  # razor's control: exact gradients, BatchNorm fixed
+      return dict(prune_ratio=0.0, batch_norm="fixed")
+    if name == "actnn":
+      return dict(compression="actnn", batch_norm="train")
+    if name == "tinytl_b":
+      return dict(finetune="biases")
+    if name == "tinytl_lb":
+      return dict(finetune="lite_residual+biases")
+    raise ValueError(f"unknown CNN method {self.method!r}; expected razor@R, razor_ef@R,"
+                     f" razor_int8@R or one of"
+                     f" {BASE_METHODS}")
+
+  def model(self) -> mobilenet.CNN:
+    return mobilenet.CNN(arch=self.arch, num_classes=self.num_classes, **self.model_kwargs())
+
+  @property
+  def image(self):
+    return jax.ShapeDtypeStruct((self.batch, self.image_size, self.image_size, 3), jnp.float32)
+
+
+def abstract_variables(case: CnnCase):
+  return jax.eval_shape(lambda: case.model().init(
+      jax.random.key(0), jnp.zeros((1, case.image_size, case.image_size, 3))))
+
+
+def _loss(case: CnnCase, batch_stats):
+  model = case.model()
+  # Concrete (and small: a few hundred KB): the running averages are read, not trained.
+  batch_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_stats)
+
+  def loss(params, images, labels):
+    logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                            mutable=["batch_stats"])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return loss
+
+
+def saved_activation_bytes(case: CnnCase) -> int:
+  """Bytes the backward keeps of one step's activations (params excluded); traced only."""
+  variables = abstract_variables(case)
+  labels = jax.ShapeDtypeStruct((case.batch,), jnp.int32)
+  residuals = ad_checkpoint.saved_residuals(_loss(case, variables["batch_stats"]),
+                                            variables["params"], case.image, labels)
+  # A frozen param reaches the backward through stop_gradient (TinyTL's kernels): still
+  # a param, not an activation.
+  param_shapes = {tuple(a.shape) for a in jax.tree.leaves(variables["params"])}
+  total = 0
+  for aval, source in residuals:
+    # Parameters are not activations; the image is (the stem conv keeps it).
+    if source.startswith("from the argument params") or (
+        "stop_gradient" in source and tuple(aval.shape) in param_shapes):
+      continue
+    total += math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+  return total
+
+
+def trainable_mask(case: CnnCase, params) -> dict:
+  """{path: bool} of the params the method trains (TinyTL's and the paper's choices)."""
+  kw = case.model_kwargs()
+  finetune = kw.get("finetune", "all")
+  mask = {}
+  for path in traverse_util.flatten_dict(params):
+    layer, leaf = path[0], path[-1]
+    is_bn = leaf in ("scale", "bias") and layer != "predictions" and "lite_residual" not in layer
+    if finetune != "all":
+      mask[path] = (layer == "predictions" or "lite_residual" in layer
+                    or (is_bn and leaf == "bias"))
+    elif kw.get("batch_norm") == "fixed":
+      mask[path] = not is_bn
+    else:
+      mask[path] = True
+  return mask
+
+
+def paper_total_bytes(case: CnnCase, activation_bytes: int) -> int:
+  """TinyTL's `profile_memory_cost`: activations + trainable params x 4 + frozen x 1 bytes."""
+  params = abstract_variables(case)["params"]
+  mask = trainable_mask(case, params)
+  flat = traverse_util.flatten_dict(params)
+  param_bytes = sum(math.prod(a.shape) * (4 if mask[p] else 1) for p, a in flat.items())
+  return activation_bytes + param_bytes
+
+
+def train_step(case: CnnCase, lr: float = 0.01):
+  """One SGD step on the trained params (frozen ones pass through), params donated."""
+  variables = abstract_variables(case)
+  loss = _loss(case, variables["batch_stats"])
+  mask = traverse_util.unflatten_dict(trainable_mask(case, variables["params"]))
+
+  def step(params, images, labels):
+    grads = jax.grad(loss)(params, images, labels)
+    return jax.tree.map(lambda p, g, m: p - lr * g if m else p, params, grads, mask)
+  return jax.jit(step, donate_argnums=0), variables
+
+
+def compiled_peak_bytes(case: CnnCase) -> Optional[int]:
+  """XLA's argument + output + temp - alias bytes of the donated train step (compiles)."""
+  step, variables = train_step(case)
+  labels = jax.ShapeDtypeStruct((case.batch,), jnp.int32)
+  try:
+    return memory.compiled_memory(step, variables["params"], case.image, labels).peak_bytes
+  except RuntimeError:
+    return None

@@ -72,8 +72,7 @@ def measure(case_json: dict, steps: int = 3) -> dict:
   if on_cpu:
     # A first state compiles the initialization's programs; the compiler's memory that
     # the process keeps afterwards is not the step's.
-    first = bench_step.init_state(built)
-    del first
+    bench_step.init_state(built)
     gc.collect()
   baseline_kib = _status_kib("VmRSS")
   state = bench_step.init_state(built)

@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from typing import Optional
 
 import flax.linen as nn
-import jax
 
 from razor_jax import layers
 from razor_jax.policy import Policy, resolve

@@ -114,7 +114,7 @@ def test_pack_bf16_round_trip_end_to_end():
 def test_int8_values_within_half_a_step(case):
   x, ratio, granularity = case
   dense = packed.unpack(packed.pack(x, ratio, granularity, value_format="int8"))
-  xs, ds = _groups(x, granularity), _groups(dense, granularity)
+  ds = _groups(dense, granularity)
   ref = _groups(packed.prune_reference(x, ratio, granularity, "float32"), granularity)
   step = np.abs(ref).max(axis=1, keepdims=True) / 127
   tol = step / 2 + 1e-6 + np.abs(ref) * 4e-3  # and one ulp of a 16-bit input dtype

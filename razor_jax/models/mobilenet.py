@@ -158,6 +158,24 @@ class CNN(nn.Module):
   def padding(self) -> str:
     return ARCHS[self.arch][1]
 
+  def trainable(self, params):
+    """A tree of bools like `params`: False where this method freezes the param.
+
+    A frozen param's gradient is zero (stop_gradient); an optimizer should also give it
+    no update and no state (weight decay would still move it, Adam would keep moments).
+    TinyTL: the classifier, the lite residual branches and BatchNorm biases train;
+    batch_norm="fixed": everything but BatchNorm's scales and biases.
+    """
+    def rule(path, _):
+      layer, leaf = path[0].key, path[-1].key
+      bn = leaf in ("scale", "bias") and layer != "predictions"  # convs have no bias
+      if layer == "predictions" or "lite_residual" in layer:
+        return True
+      if self.finetune != "all":
+        return bn and leaf == "bias"
+      return not (bn and self.batch_norm == "fixed")
+    return jax.tree_util.tree_map_with_path(rule, params)
+
   def blocks(self):
     if self.arch == "mobilenet_v2":
       return mobilenet_v2_blocks(self.width)

@@ -14,6 +14,9 @@ layer's group lists its `weight_names`, datasets such as `Conv1/kernel:0`,
 weight: kernels as they are (HWIO), depthwise kernels (k, k, C, 1) to flax's grouped
 layout (k, k, 1, C), BatchNorm gamma/beta to params scale/bias and moving_mean /
 moving_variance to batch_stats mean/var.
+
+Any `CNN` (ProxylessNAS-Mobile, the digits demo's tiny one) also reads and writes a
+plain .npz of its variables (`save_npz`, `load_npz`: numpy arrays, no pickles).
 """
 from __future__ import annotations
 
@@ -81,17 +84,65 @@ def load_keras_h5(path: str, params, batch_stats, *, keep_head: Optional[bool] =
     CheckpointMismatchError: listing missing and unexpected weights with their shapes,
       e.g. for a file of another width.
   """
-  weights = read_keras_h5(path)
+  return merge(read_keras_h5(path), params, batch_stats, keep_head=keep_head, source=path,
+               hint="is it the same width?")
+
+
+def save_npz(path: str, params, batch_stats):
+  """Writes a `CNN`'s variables as a .npz: "params/<layer>/<leaf>", "batch_stats/..." arrays.
+
+  The layout of experiments/assets/cnn_demo_digits.npz, which `load_npz` reads; weights
+  converted from another framework (ProxylessNAS-Mobile's PyTorch release, say) can be
+  written in it too, with the layer names of `razor_jax.models.mobilenet.CNN`.
+  """
+  flat = {}
+  for collection, tree in (("params", params), ("batch_stats", batch_stats)):
+    for key, value in traverse_util.flatten_dict(tree).items():
+      flat["/".join((collection,) + key)] = np.asarray(value)
+  np.savez(path, **flat)
+
+
+def read_npz(path: str) -> dict[tuple[str, ...], np.ndarray]:
+  """{(collection, layer, ..., leaf): array} of a .npz that `save_npz` wrote."""
+  with np.load(path, allow_pickle=False) as f:
+    weights = {tuple(name.split("/")): f[name] for name in f.files}
+  if not weights or any(k[0] not in ("params", "batch_stats") for k in weights):
+    raise CheckpointMismatchError(
+        f"{path} is not a CNN .npz: expected arrays named params/<layer>/<leaf> and"
+        " batch_stats/<layer>/<leaf> (razor_jax.models.mobilenet_checkpoint.save_npz)")
+  return weights
+
+
+def load_npz(path: str, params, batch_stats, *, keep_head: Optional[bool] = None):
+  """(params, batch_stats) of a `CNN` from a .npz of `save_npz`; keep_head as load_keras_h5."""
+  return merge(read_npz(path), params, batch_stats, keep_head=keep_head, source=path,
+               hint="is it the same architecture?")
+
+
+def _is_new_module(key: tuple) -> bool:
+  # TinyTL's lite residual branches are added for fine-tuning: a pretrained file may lack
+  # them, and then they keep their initialization.
+  return "lite_residual" in key[1]
+
+
+def merge(weights: dict, params, batch_stats, *, keep_head: Optional[bool] = None,
+          source: str = "the checkpoint", hint: str = ""):
+  """(params, batch_stats) with `weights` ({(collection, layer, ..., leaf): array}) in place.
+
+  The classifier ("predictions") follows `keep_head` (see load_keras_h5); a file without
+  it, or without lite residual branches, leaves the model's own.
+  """
   trees = {"params": traverse_util.flatten_dict(params),
            "batch_stats": traverse_util.flatten_dict(batch_stats)}
-  expected = {(c, k[0], k[1]): v for c, t in trees.items() for k, v in t.items()}
-  head_in_file = any(layer == HEAD for _, layer, _ in weights)
-  missing = [k for k in expected if k not in weights and not (k[1] == HEAD and not head_in_file)]
+  expected = {(c,) + k: v for c, t in trees.items() for k, v in t.items()}
+  head_in_file = any(k[1] == HEAD for k in weights)
+  missing = [k for k in expected if k not in weights and not (k[1] == HEAD and not head_in_file)
+             and not _is_new_module(k)]
   unexpected = [k for k in weights if k not in expected]
   misshapen = [(k, weights[k].shape, expected[k].shape) for k in weights
                if k in expected and k[1] != HEAD and weights[k].shape != tuple(expected[k].shape)]
   if missing or unexpected or misshapen:
-    lines = [f"{path} does not fit this model (is it the same width?):"]
+    lines = [f"{source} does not fit this model" + (f" ({hint})" if hint else "") + ":"]
     lines += [f"  missing {'/'.join(k)} {tuple(expected[k].shape)}" for k in missing[:20]]
     lines += [f"  unexpected {'/'.join(k)} {weights[k].shape}" for k in unexpected[:20]]
     lines += [f"  {'/'.join(k)}: file {a} vs model {b}" for k, a, b in misshapen[:20]]
@@ -104,10 +155,10 @@ def load_keras_h5(path: str, params, batch_stats, *, keep_head: Optional[bool] =
         f" {[tuple(expected[k].shape) for k in expected if k[1] == HEAD]}; pass keep_head=False")
   take_head = head_in_file and head_fits and keep_head is not False
   new = {c: dict(t) for c, t in trees.items()}
-  for (collection, layer, leaf), value in weights.items():
-    if layer == HEAD and not take_head:
+  for (collection, *key), value in weights.items():
+    if key[0] == HEAD and not take_head:
       continue
-    old = new[collection][(layer, leaf)]
-    new[collection][(layer, leaf)] = np.asarray(value, dtype=old.dtype)
+    old = new[collection][tuple(key)]
+    new[collection][tuple(key)] = np.asarray(value, dtype=old.dtype)
   return (traverse_util.unflatten_dict(new["params"]),
           traverse_util.unflatten_dict(new["batch_stats"]))

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from razor_jax.train.step import TrainState
+
 
 class Checkpoints:
   """Save / restore of one pytree (the TrainState) per step; the last `keep` stay."""
@@ -42,12 +44,15 @@ class Checkpoints:
 
   def save(self, step: int, state: Any):
     """Starts writing `state` as `step` (device-to-host copy now, the files in background)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._manager.save(step, args=ocp.args.StandardSave(_on_disk(state)), force=True)
 
   def restore(self, step: int, abstract_state: Any = None) -> Any:
     """The state saved at `step`, laid out as `abstract_state` (ShapeDtypeStructs with
     shardings); without one, as saved, in host memory."""
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    restored = self._manager.restore(step, args=ocp.args.StandardRestore(_on_disk(abstract_state)))
+    if isinstance(abstract_state, TrainState) and isinstance(restored, dict):
+      return TrainState(**restored)
+    return restored
 
   def restore_latest(self, abstract_state: Any, say=print) -> tuple[Optional[int], Any]:
     """(step, state) of the newest step that restores; (None, None) when none is left.
@@ -87,6 +92,15 @@ class Checkpoints:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _on_disk(state: Any) -> Any:
+  """The tree orbax writes for `state`: a TrainState without batch_stats (a ViT's) as the
+  dict of its other fields, the layout checkpoints had before the field existed, so old
+  and new checkpoints restore alike; anything else as it is."""
+  if isinstance(state, TrainState) and not jax.tree.leaves(state.batch_stats):
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  return state
 
 
 def quick_check(step_dir: str) -> Optional[str]:

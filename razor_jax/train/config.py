@@ -14,6 +14,16 @@ from flax import traverse_util
 from ml_collections import config_dict
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# config.model.name -> what it builds (razor_jax.models).
+MODELS = {"vit": "a ViT (razor_jax.models.vit.ViT)",
+          "mobilenet_v2": "MobileNetV2 (razor_jax.models.mobilenet)",
+          "proxyless_mobile": "ProxylessNAS-Mobile (razor_jax.models.mobilenet)",
+          "tiny_cnn": "the 4-block CNN of the offline CNN demo (razor_jax.models.mobilenet)"}
+CNN_MODELS = ("mobilenet_v2", "proxyless_mobile", "tiny_cnn")
+# Fields of config.model that only one family reads (the others are shared: name, dropout_rate).
+VIT_FIELDS = ("variant", "patch_size", "hidden_size", "mlp_dim", "num_heads", "num_layers",
+              "representation_size", "classifier", "scan", "remat", "batch_chunk")
+CNN_FIELDS = ("width", "batch_norm", "compression", "finetune")
 DTYPES = ("float32", "bfloat16")
 # Public ImageNet-21k checkpoints of the original ViT release (google-research/vision_transformer).
 PUBLIC_CHECKPOINTS = "gs://vit_models/imagenet21k"
@@ -31,8 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # global batch over all devices and hosts
   config.eval_batch_size = 0  # 0 = batch_size; must also divide by the device count
 
-  # Model (razor_jax.models.vit.ViT); `model` is passed as keyword arguments.
+  # Model: config.model.name picks it (one of MODELS); the ViT's fields, then the CNNs'.
   config.model = ml_collections.ConfigDict()
+  config.model.name = "vit"  # "vit", "mobilenet_v2", "proxyless_mobile" or "tiny_cnn"
+  # ViT (razor_jax.models.vit.ViT) only: a CNN run leaves these at their defaults.
   config.model.variant = "B/16"  # a named size ("B/16", "L/16", ...); "" to give sizes below
   # Sizes for variant=""; unset (None) fields keep the ViT's defaults.
   config.model.patch_size = config_dict.placeholder(int)  # patch side in pixels
@@ -42,18 +54,32 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_layers = config_dict.placeholder(int)  # transformer blocks
   config.model.representation_size = config_dict.placeholder(int)  # pre-logits width; None = none
   config.model.classifier = "token"  # "token" ([CLS]) or "gap" (mean over patch tokens)
-  config.model.dropout_rate = 0.0  # dropout in the MLP blocks during training
+  config.model.dropout_rate = 0.0  # dropout in the ViT's MLP blocks / before a CNN's classifier
   config.model.scan = True  # scan over identical blocks (razor_jax.scan): one compiled body
   config.model.remat = False  # recompute each block in the backward (trades time for memory)
   # Samples per slice when the scanned, pruned blocks run; None = the ViT's (32 on CPU,
   # the whole batch on GPU: razor_jax.policy.auto_batch_chunk).
   config.model.batch_chunk = config_dict.placeholder(int)
-  # Pretrained weights in the public .npz format; "" trains from scratch.
+  # CNNs (razor_jax.models.mobilenet.CNN) only; unset (None) = the CNN's default.
+  config.model.width = config_dict.placeholder(float)  # mobilenet_v2's multiplier; None = 1.0
+  # BatchNorm while training: "train" (batch statistics, running averages updated: the
+  # state carries them), "frozen" (running statistics; scale and bias train) or "fixed"
+  # (frozen, scale and bias too: the paper's CNN runs). None = "train".
+  config.model.batch_norm = config_dict.placeholder(str)
+  # "razor" (Back Razor at prune_ratio / policy) or "actnn" (every saved activation in 2
+  # bits, the ActNN-style peer; needs prune_ratio=0). None = "razor".
+  config.model.compression = config_dict.placeholder(str)
+  # "all", "biases" (TinyTL-B) or "lite_residual+biases" (TinyTL-L+B); the TinyTL ones
+  # freeze the weights and need prune_ratio=0. None = "all".
+  config.model.finetune = config_dict.placeholder(str)
+  # Pretrained weights; "" trains from scratch. ViT: the public .npz format; MobileNetV2:
+  # Keras's ImageNet .h5; any CNN: a .npz of razor_jax.models.mobilenet_checkpoint.save_npz.
   config.init_path = f"{PUBLIC_CHECKPOINTS}/ViT-B_16.npz"
   config.keep_head = False  # True keeps the checkpoint's head if it fits (same classes)
 
-  # Back Razor: forward dense, backward from a top-K copy of each activation (the
-  # encoder's; the patch embedding and the head stay exact, as in the paper).
+  # Back Razor: forward dense, backward from a top-K copy of each activation (the ViT's
+  # encoder's; the patch embedding and the head stay exact, as in the paper. A CNN's
+  # convs, classifier and train-mode BatchNorms; ReLU6 keeps a 1-bit mask).
   config.prune_ratio = 0.9  # fraction of each activation pruned; 0 = full fine-tuning
   config.policy = ml_collections.ConfigDict()  # razor_jax.Policy's fields; unset = prune_ratio
   # "default" (the fields below) or "paper" (razor_jax.Policy.paper(prune_ratio): the
@@ -62,9 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Weight gradients: "none" (from the pruned copy, the paper's rule) or "energy" (that
   # copy rescaled per group by |a|^2 / |a_kept|^2; one float per group more).
   config.policy.estimator = "none"
-  config.policy.dense = config_dict.placeholder(float)  # qkv/out projections and MLP layers
-  config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V
-  config.policy.layer_norm = config_dict.placeholder(float)  # layer norms
+  # Per op type (unset = prune_ratio): qkv/out projections and MLP layers (a CNN's classifier).
+  config.policy.dense = config_dict.placeholder(float)
+  config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V (ViT only)
+  # Layer norms (a CNN's train-mode BatchNorms).
+  config.policy.layer_norm = config_dict.placeholder(float)
+  config.policy.conv = config_dict.placeholder(float)  # a CNN's convolutions (CNNs only)
   # Who competes for the K kept: "token" (a token's features, per row: one sort per row
   # block on GPU), "sample" (a whole sample, the paper's rule) or "auto" ("sample" on
   # CPU, "token" on GPU/TPU).

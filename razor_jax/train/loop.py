@@ -1,4 +1,4 @@
-"""Fine-tuning a ViT with Back Razor: `run(config, workdir)`, the loop and evaluation.
+"""Fine-tuning with Back Razor (a ViT or a CNN): `run(config, workdir)`, the loop and evaluation.
 
 `run` is everything `experiments/finetune.py` does. A run is a function of its config:
 the data order, dropout keys and initialization depend only on the seed and the step,
@@ -45,15 +45,18 @@ def _gib(n: Optional[int]) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(eval_step, params, datasets, config, mesh) -> dict:
-  """Top-1 accuracy and loss over the whole eval split (padding masked out)."""
+def evaluate(eval_step, variables, datasets, config, mesh) -> dict:
+  """Top-1 accuracy and loss over the whole eval split (padding masked out).
+
+  `variables`: TrainState.variables (the params, and a CNN's batch statistics).
+  """
   totals = None
   batches = datasets.eval_batches(
       config.dataset, batch_size=config.eval_batch_size or config.batch_size,
       image_size=config.image_size, data_dir=config.data_dir or None,
       manual_dir=config.manual_dir or None)
   for local in batches:
-    sums = eval_step(params, sharding.global_batch(local, mesh))
+    sums = eval_step(variables, sharding.global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ConfigError(f"the eval split of {config.dataset!r} is empty")
@@ -167,7 +170,7 @@ def preflight(config, workdir: str) -> tuple[Any, dict]:
   resuming = checkpoint.has_checkpoint(workdir)
   changes = workdir_checks.check_config_unchanged(config, workdir) if resuming else {}
   if config.init_path and not resuming:
-    check_init_path(config.init_path)
+    check_init_path(config.init_path, config.model.name)
   joined_before = sharding.distributed_started()
   if sharding.initialize_distributed():
     _check_same_config(config, workdir)
@@ -322,8 +325,8 @@ class _Loop:
     self.progress.update(0, **{"img/s": f"{row['train/images_per_second']:.1f}"})
     return row
 
-  def evaluate(self, step: int, params) -> dict:
-    row = evaluate(self.eval_step, params, self.datasets, self.config, self.mesh)
+  def evaluate(self, step: int, variables) -> dict:
+    row = evaluate(self.eval_step, variables, self.datasets, self.config, self.mesh)
     self.log.write(step, row)
     self.progress.print(f"step {step}/{self.config.total_steps}: eval accuracy"
                         f" {row['eval/accuracy']:.4f} ({row['eval/examples']} examples),"
@@ -335,7 +338,7 @@ class _Loop:
     start, total = int(jax.device_get(state.step)), config.total_steps
     result = {"step": start, "preempted": False}
     if start >= total:
-      result.update(evaluate(self.eval_step, state.params, self.datasets, config, self.mesh))
+      result.update(evaluate(self.eval_step, state.variables, self.datasets, config, self.mesh))
       _say(f"already at step {start}/{total}: eval accuracy {result['eval/accuracy']:.4f}")
       return result
     rng = sharding.replicated_key(jax.random.fold_in(jax.random.key(config.seed), 1), self.mesh)
@@ -372,7 +375,7 @@ class _Loop:
           self.ckpts.save(step, state)
           self.last_saved = step
         if eval_now:
-          result.update(self.evaluate(step, state.params))
+          result.update(self.evaluate(step, state.variables))
         result["step"] = step
         if stop:
           result["preempted"] = step != total

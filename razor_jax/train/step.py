@@ -20,6 +20,16 @@ class TrainState:
   step: jax.Array  # int32 scalar: updates applied so far
   params: Any
   opt_state: Any
+  # A CNN's BatchNorm running averages (the model's `batch_stats` collection); empty for
+  # models without one (the ViT), whose checkpoints then keep their old layout.
+  batch_stats: Any = struct.field(default_factory=dict)
+
+  @property
+  def variables(self) -> dict:
+    """What model.apply takes: the params, and the batch statistics if there are any."""
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
 
 
 def make_schedule(config) -> optax.Schedule:
@@ -89,50 +99,66 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   gradient accumulation (sums are accumulated, then divided once). `rng` is the run's
   dropout key; each step folds in its step number, so a resumed run draws the same keys.
   `micro_batch_sharding` lays out the [micro-batches, B/n, ...] split (batch on axis 1).
+  A state with batch_stats (a CNN) gets them back as the model's train-mode BatchNorms
+  left them (unchanged where BatchNorm is frozen); micro-batches update them in turn.
   """
 
-  def sums(params, batch, rng):
-    logits = model.apply({"params": params}, batch["image"], train=True,
-                         rngs={"dropout": rng})
+  def sums(params, batch_stats, batch, rng):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, updated = model.apply(variables, batch["image"], train=True,
+                                    rngs={"dropout": rng}, mutable=["batch_stats"])
+      batch_stats = updated["batch_stats"]
+    else:
+      logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng})
     mask = batch["mask"].astype(jnp.float32)
     loss_sum = jnp.sum(cross_entropy(logits, batch["label"], label_smoothing) * mask)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask)
-    return loss_sum, (correct, jnp.sum(mask))
+    return loss_sum, (correct, jnp.sum(mask), batch_stats)
 
   grad_sums = jax.value_and_grad(sums, has_aux=True)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     if grad_accum_steps == 1:
-      (loss_sum, (correct, count)), grads = grad_sums(state.params, batch, rng)
+      (loss_sum, (correct, count, batch_stats)), grads = grad_sums(
+          state.params, state.batch_stats, batch, rng)
     else:
       micro = _split_micro_batches(batch, grad_accum_steps, micro_batch_sharding)
 
-      def accumulate(totals, xs):
+      def accumulate(carry, xs):
+        totals, stats = carry
         index, micro_batch = xs
-        (l, (c, n)), g = grad_sums(state.params, micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, totals, (l, c, n, g)), None
+        (l, (c, n, stats)), g = grad_sums(state.params, stats, micro_batch,
+                                          jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, totals, (l, c, n, g)), stats), None
 
       zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()),
                jax.tree.map(jnp.zeros_like, state.params))
-      (loss_sum, correct, count, grads), _ = jax.lax.scan(
-          accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+      ((loss_sum, correct, count, grads), batch_stats), _ = jax.lax.scan(
+          accumulate, (zeros, state.batch_stats), (jnp.arange(grad_accum_steps), micro))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / count, "accuracy": correct / count,
                "grad_norm": _global_norm(grads), "lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=batch_stats), metrics
 
   return train_step
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """eval_step(params, batch) -> sums of correct, counted and loss over unmasked examples."""
+  """eval_step(variables, batch) -> sums of correct, counted and loss over unmasked examples.
 
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
+  `variables` is TrainState.variables: the params, and a CNN's batch statistics, which
+  evaluation only reads (BatchNorm on its running averages).
+  """
+
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
             "count": jnp.sum(mask),

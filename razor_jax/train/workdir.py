@@ -19,6 +19,7 @@ from typing import Any
 
 from flax import traverse_util
 
+from razor_jax.train import config as train_config
 from razor_jax.train.setup import UserError
 
 CONFIG_FILE, CHANGES_FILE = "config.json", "config_changes.jsonl"
@@ -95,6 +96,12 @@ def check_config_unchanged(config, workdir: str) -> dict[str, tuple[Any, Any]]:
     return {}
   # Through JSON, as config.json was written: tuples become lists on both sides.
   changes = config_changes(old, json.loads(config.to_json()))
+  # A field added to the trainer since the workdir's run (model.name, ...) is no change
+  # while it holds its default, the behaviour that run had.
+  old_keys = traverse_util.flatten_dict(old, sep=".")
+  defaults = traverse_util.flatten_dict(json.loads(train_config.get_config().to_json()), sep=".")
+  changes = {k: v for k, v in changes.items()
+             if k in old_keys or k not in defaults or v[1] != defaults[k]}
   fixed = {k: v for k, v in changes.items() if not _is_mutable(k)}
   if fixed:
     listed = ", ".join(f"{k} ({old_value!r} -> {new_value!r})"

@@ -16,7 +16,8 @@ from razor_jax.train import step as train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "experiments", "configs")
-EXPECTED_CONFIGS = ["demo", "demo_all", "vit_b16_cars", "vit_b16_cifar10", "vit_b16_cifar100",
+EXPECTED_CONFIGS = ["cnn_demo", "demo", "demo_all", "mbv2_flowers", "proxyless_cub",
+                    "proxyless_flowers", "vit_b16_cars", "vit_b16_cifar10", "vit_b16_cifar100",
                     "vit_b16_cub", "vit_b16_flowers", "vit_b16_food101", "vit_b16_pets",
                     "vit_l16_cub", "vit_l16_flowers"]
 

@@ -170,6 +170,15 @@ def load_params(workdir: str, step: Optional[int] = None) -> Any:
 
   For export (razor_jax.models.vit.export) or inspection after a run.
   """
+  return load_variables(workdir, step)["params"]
+
+
+def load_variables(workdir: str, step: Optional[int] = None) -> dict:
+  """{"params": ..., and "batch_stats": ... for a CNN} saved in `workdir` at `step`
+  (default: the latest), as host numpy arrays: what model.apply takes.
+
+  For a CNN's export (razor_jax.models.mobilenet_checkpoint.save_npz) or inspection.
+  """
   ckpts = Checkpoints(workdir, async_save=False)
   try:
     step = ckpts.latest_step() if step is None else step
@@ -178,7 +187,8 @@ def load_params(workdir: str, step: Optional[int] = None) -> Any:
     restored = ckpts.restore(step, _one_device_layout(ckpts.directory, step))
   finally:
     ckpts.close()
-  return jax.tree.map(np.asarray, restored["params"])
+  keys = ("params", "batch_stats") if restored.get("batch_stats") else ("params",)
+  return {k: jax.tree.map(np.asarray, restored[k]) for k in keys}
 
 
 def _one_device_layout(directory: str, step: int) -> Any:

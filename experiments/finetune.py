@@ -1,6 +1,7 @@
-"""Fine-tunes a ViT with Back Razor from a named config.
+"""Fine-tunes a ViT or a CNN (config.model.name) with Back Razor from a named config.
 
   python experiments/finetune.py --config demo
+  python experiments/finetune.py --config cnn_demo
   python experiments/finetune.py --config vit_l16_cub --config.data_dir=/data/tfds \
       --config.init_path=/ckpt/ViT-L_16.npz --workdir /runs/cub
 

@@ -9,10 +9,12 @@ fine-tuned on digits 5-9 (digits_demo/finetune, built on first use) with a new h
 As the paper's CNN runs: every conv and the classifier keep their input pruned at 0.9,
 ReLU6 a 1-bit mask, BatchNorm fixed (running statistics, no gradient). Adam, batch 32.
 
-Expected: eval accuracy about 95% on the 191 held-out digits after 300 steps, in about
-a minute on 2 CPU cores. --config.model.batch_norm=train trains BatchNorm on batch
-statistics (the state then carries the running averages); --config.prune_ratio=0 is
-full fine-tuning; --config.init_path='' trains the same CNN from scratch.
+Expected: eval accuracy about 97% on the 191 held-out digits after 300 steps (96% at
+step 100), in about a minute on 2 CPU cores, with a compiled step peak of 3.3 MiB
+against 5.4 MiB for full fine-tuning. --config.model.batch_norm=train trains BatchNorm
+on batch statistics (the state then carries the running averages);
+--config.prune_ratio=0 is full fine-tuning; --config.init_path='' trains the same CNN
+from scratch.
 """
 import os
 

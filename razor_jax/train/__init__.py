@@ -1,4 +1,4 @@
-"""Fine-tuning a ViT with Back Razor (the `train` extra). `run(config, workdir)` is the entry.
+"""Fine-tuning a ViT or a CNN with Back Razor (the `train` extra); `run(config, workdir)`.
 
   config.py      every field the trainer reads, its default and meaning
   setup.py       checks, the model, the sharded TrainState, the compiled step

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import layout_reference
 from razor_jax import codecs, packed
 
-SETTINGS = settings(max_examples=20, deadline=None,
+SETTINGS = settings(max_examples=8, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

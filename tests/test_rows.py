@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from razor_jax import codecs, packed, selection
 
-SETTINGS = settings(max_examples=15, deadline=None,
+SETTINGS = settings(max_examples=8, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

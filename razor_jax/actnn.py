@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from razor_jax import barriers
-from razor_jax.conv_ops import _channel_axes, batch_norm_apply, batch_norm_stats
-from razor_jax.ops import _check_float, _conv_plain, _freeze_conv_kwargs, with_value_of
+from razor_jax.conv_ops import channel_axes, batch_norm_apply, batch_norm_stats
+from razor_jax.ops import check_float, conv_plain, freeze_conv_kwargs, with_value_of
 
 BITS = 2
 GROUP_SIZE = 256
@@ -107,19 +107,19 @@ def _proto(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(x, kernel, bias, conv_kwargs):
-  return _conv_plain(x, kernel, bias, conv_kwargs)
+  return conv_plain(x, kernel, bias, conv_kwargs)
 
 
 def _conv_fwd(x, kernel, bias, conv_kwargs):
   stored = _store(x)
-  y = _conv_plain(x, kernel, bias, conv_kwargs)
+  y = conv_plain(x, kernel, bias, conv_kwargs)
   return barriers.depend(y, stored), (stored, kernel, bias, _proto(x))
 
 
 def _conv_bwd(conv_kwargs, res, g):
   stored, kernel, bias, proto = res
   x = _restore(stored, g, proto.shape[1:], proto.dtype)
-  _, vjp = jax.vjp(lambda a, w, b: _conv_plain(a, w, b, conv_kwargs), x, kernel, bias)
+  _, vjp = jax.vjp(lambda a, w, b: conv_plain(a, w, b, conv_kwargs), x, kernel, bias)
   return vjp(g)
 
 
@@ -128,15 +128,15 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def conv(x, kernel, bias, **conv_kwargs):
   """lax.conv_general_dilated (+ bias), the input kept in 2 bits for the backward."""
-  _check_float("x", x)
-  return _conv(x, kernel, bias, _freeze_conv_kwargs(conv_kwargs))
+  check_float("x", x)
+  return _conv(x, kernel, bias, freeze_conv_kwargs(conv_kwargs))
 
 
 def conv_reference(x, kernel, bias, **conv_kwargs):
-  frozen = _freeze_conv_kwargs(conv_kwargs)
-  exact = _conv_plain(x, kernel, bias, frozen)
+  frozen = freeze_conv_kwargs(conv_kwargs)
+  exact = conv_plain(x, kernel, bias, frozen)
   x_st = _st(x) + (x - lax.stop_gradient(x))
-  return with_value_of(exact, _conv_plain(x_st, kernel, bias, frozen))
+  return with_value_of(exact, conv_plain(x_st, kernel, bias, frozen))
 
 
 def dense(x, kernel, bias):
@@ -172,7 +172,7 @@ def _bn_bwd(eps, res, cotangents):
   g = cotangents[0]
   stored, mean, rstd, scale, bias, proto = res
   x = _restore(stored, g, proto.shape[1:], jnp.float32)
-  axes = _channel_axes(g)
+  axes = channel_axes(g)
   x_hat = (x - mean) * rstd
   g32 = g.astype(jnp.float32)
   u = g32 * scale.astype(jnp.float32) if scale is not None else g32
@@ -187,7 +187,7 @@ _bn.defvjp(_bn_fwd, _bn_bwd)
 
 def batch_norm_train(x, scale, bias, epsilon: float = 1e-5):
   """conv_ops.batch_norm_train with the input kept in 2 bits; returns (y, mean, var)."""
-  _check_float("x", x)
+  check_float("x", x)
   y, mean, var = _bn(x, scale, bias, epsilon)
   return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
@@ -196,7 +196,7 @@ def batch_norm_train_reference(x, scale, bias, epsilon: float = 1e-5):
   mean, var = batch_norm_stats(x)
   exact = batch_norm_apply(x, mean, var, scale, bias, epsilon)
   stats = (lax.stop_gradient(mean), lax.stop_gradient(var))
-  axes = _channel_axes(x)
+  axes = channel_axes(x)
   mean_sg, rstd = lax.stop_gradient(mean), lax.stop_gradient(lax.rsqrt(var + epsilon))
   x_hat = lax.stop_gradient((_st(x).astype(jnp.float32) - mean_sg) * rstd)
   x32 = x.astype(jnp.float32)

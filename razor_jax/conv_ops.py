@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from razor_jax import barriers, packed
-from razor_jax.ops import (PackSpec, _check_float, check_packable, is_exact,
-                           with_value_of)
+from razor_jax.ops import (PackSpec, check_float, check_packable, is_exact,
+                           one_bit_unit, with_value_of)
 
 # ----------------------------------------------------------------- relu6
 
@@ -37,29 +37,13 @@ def _relu6_mask(x):
   return (x > 0) & (x < 6)
 
 
-@jax.custom_vjp
-def _relu6(x):
-  return jax.nn.relu6(x)
-
-
-def _relu6_fwd(x):
-  # Where the unit passes its gradient, one bit per element (32x less than float32).
-  bits = barriers.materialize(lambda a: jnp.packbits(_relu6_mask(a).reshape(-1)), x)
-  return barriers.depend(jax.nn.relu6(x), bits), bits
-
-
-def _relu6_bwd(bits, g):
-  bits = barriers.depend(bits, g)
-  mask = jnp.unpackbits(bits, count=g.size).reshape(g.shape).astype(bool)
-  return (jnp.where(mask, g, 0).astype(g.dtype),)
-
-
-_relu6.defvjp(_relu6_fwd, _relu6_bwd)
+# Where the unit passes its gradient: jax.nn.relu6's derivative is 1 on (0, 6) only.
+_relu6 = one_bit_unit(jax.nn.relu6, _relu6_mask)
 
 
 def relu6(x, compact: bool = True):
   """jax.nn.relu6 whose residual is a 1-bit mask of 0 < x < 6 (the gradient is exact)."""
-  _check_float("x", x)
+  check_float("x", x)
   return _relu6(x) if compact else jax.nn.relu6(x)
 
 
@@ -70,7 +54,7 @@ def relu6_reference(x, compact: bool = True):
 
 # ----------------------------------------------------------------- batch norm: shared
 
-def _channel_axes(x) -> tuple[int, ...]:
+def channel_axes(x) -> tuple[int, ...]:
   return tuple(range(jnp.ndim(x) - 1))
 
 
@@ -80,7 +64,7 @@ def batch_norm_stats(x):
   flax.linen.BatchNorm's fast variance: E[x^2] - E[x]^2, clipped at zero.
   """
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  axes = _channel_axes(x)
+  axes = channel_axes(x)
   mean = x32.mean(axes)
   var = jnp.maximum(0.0, lax.square(x32).mean(axes) - lax.square(mean))
   return mean, var
@@ -136,7 +120,7 @@ def _bn_train_bwd(eps, spec, res, cotangents):
   # cotangents are zero and ignored.
   g = cotangents[0]
   x_packed, mean, rstd, scale, bias = res
-  axes = _channel_axes(g)
+  axes = channel_axes(g)
   x_pruned = packed.unpack(x_packed, after=g).astype(jnp.float32)
   x_hat = (x_pruned - mean) * rstd
   g32 = g.astype(jnp.float32)
@@ -178,7 +162,7 @@ def batch_norm_train_reference(x, scale, bias, spec: Optional[PackSpec], epsilon
   stats = (lax.stop_gradient(mean), lax.stop_gradient(var))
   if is_exact(spec):
     return (exact,) + stats
-  axes = _channel_axes(x)
+  axes = channel_axes(x)
   mean_sg, rstd = lax.stop_gradient(mean), lax.stop_gradient(lax.rsqrt(var + epsilon))
   x_hat = lax.stop_gradient((spec.prune_reference(x).astype(jnp.float32) - mean_sg) * rstd)
   x32 = x.astype(jnp.float32)
@@ -214,7 +198,7 @@ def _bn_frozen_bwd(eps, spec, scale_grad, res, g):
   g32 = g.astype(jnp.float32)
   mul = rstd * scale.astype(jnp.float32) if scale is not None else rstd
   dx = (g32 * mul).astype(g.dtype)
-  axes = _channel_axes(g)
+  axes = channel_axes(g)
   dbias = None if bias is None else jnp.sum(g32, axis=axes).astype(bias.dtype)
   dscale = None
   if scale is not None:
@@ -239,7 +223,7 @@ def batch_norm_frozen(x, mean, var, scale, bias, spec: Optional[PackSpec],
   `scale_grad=False` (the scale is frozen; its gradient is then returned as zeros).
   The statistics get zero gradients.
   """
-  _check_float("x", x)
+  check_float("x", x)
   _check_channels(x, mean=mean, var=var, scale=scale, bias=bias)
   if spec is not None and spec.exact:
     spec = None

@@ -109,7 +109,7 @@ def is_exact(spec: Optional[PackSpec]) -> bool:
 def check_packable(spec: Optional[PackSpec], **arrays):
   """Raises now, not at differentiation time, if an input cannot be packed by `spec`."""
   for name, x in arrays.items():
-    _check_float(name, x)
+    check_float(name, x)
     if not is_exact(spec):
       try:
         _, n = packed.group_shape(jnp.shape(x), spec.granularity)
@@ -118,7 +118,7 @@ def check_packable(spec: Optional[PackSpec], **arrays):
         raise ValueError(f"{name} of shape {jnp.shape(x)}: {e}") from None
 
 
-def _check_float(name: str, x):
+def check_float(name: str, x):
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
 
@@ -560,7 +560,7 @@ def gelu(x, approximate: bool = True, storage: Optional[str] = "uint8"):
       range [-0.17, 1.13] (8 // bits codes to a byte); "bfloat16" / "float16" keep x in
       that dtype (float16: the original code's); None is the plain op (exact gradient).
   """
-  _check_float("x", x)
+  check_float("x", x)
   if storage is None:
     return jax.nn.gelu(x, approximate=approximate)
   if storage not in GELU_FORMATS:
@@ -584,30 +584,34 @@ def gelu_reference(x, approximate: bool = True, storage: Optional[str] = "uint8"
 
 # ----------------------------------------------------------------- relu
 
-@jax.custom_vjp
-def _relu(x):
-  return jax.nn.relu(x)
+def one_bit_unit(fn, passes):
+  """`fn` (an elementwise unit whose derivative is 1 where `passes(x)`, else 0) with a
+  custom VJP whose residual is that 1-bit mask: 32x less than a float32 input."""
+
+  @jax.custom_vjp
+  def unit(x):
+    return fn(x)
+
+  def unit_fwd(x):
+    bits = barriers.materialize(lambda a: jnp.packbits(passes(a).reshape(-1)), x)
+    return barriers.depend(fn(x), bits), bits
+
+  def unit_bwd(bits, g):
+    # g has the shape and dtype of x; the unpack waits for it (see barriers.depend).
+    bits = barriers.depend(bits, g)
+    mask = jnp.unpackbits(bits, count=g.size).reshape(g.shape).astype(bool)
+    return (jnp.where(mask, g, 0).astype(g.dtype),)
+
+  unit.defvjp(unit_fwd, unit_bwd)
+  return unit
 
 
-def _relu_fwd(x):
-  # The 1-bit mask is all the backward needs: 32x less than the float input.
-  bits = barriers.materialize(lambda a: jnp.packbits(a.reshape(-1) > 0), x)
-  return barriers.depend(jax.nn.relu(x), bits), bits
-
-
-def _relu_bwd(bits, g):
-  # g has the shape and dtype of x.
-  bits = barriers.depend(bits, g)
-  mask = jnp.unpackbits(bits, count=g.size).reshape(g.shape).astype(bool)
-  return (jnp.where(mask, g, 0).astype(g.dtype),)
-
-
-_relu.defvjp(_relu_fwd, _relu_bwd)
+_relu = one_bit_unit(jax.nn.relu, lambda x: x > 0)
 
 
 def relu(x, compact: bool = True):
   """jax.nn.relu whose residual is a 1-bit mask (exact gradient)."""
-  _check_float("x", x)
+  check_float("x", x)
   return _relu(x) if compact else jax.nn.relu(x)
 
 
@@ -617,7 +621,7 @@ def relu_reference(x, compact: bool = True):
 
 # ----------------------------------------------------------------- conv
 
-def _conv_plain(x, kernel, bias, conv_kwargs):
+def conv_plain(x, kernel, bias, conv_kwargs):
   y = lax.conv_general_dilated(x, kernel, **dict(conv_kwargs))
   if bias is not None:
     y += bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
@@ -626,26 +630,26 @@ def _conv_plain(x, kernel, bias, conv_kwargs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv(x, kernel, bias, conv_kwargs, spec):
-  return _conv_plain(x, kernel, bias, conv_kwargs)
+  return conv_plain(x, kernel, bias, conv_kwargs)
 
 
 def _conv_fwd(x, kernel, bias, conv_kwargs, spec):
   x_packed = spec.pack(x)
-  y = _conv_plain(x, kernel, bias, conv_kwargs)
+  y = conv_plain(x, kernel, bias, conv_kwargs)
   return barriers.depend(y, x_packed), (x_packed, spec.energy(x), kernel, bias)
 
 
 def _conv_bwd(conv_kwargs, spec, res, g):
   x_packed, energy, kernel, bias = res
   x_pruned = spec.weight_copy(packed.unpack(x_packed, after=g), energy)
-  _, vjp = jax.vjp(lambda a, w, b: _conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
+  _, vjp = jax.vjp(lambda a, w, b: conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
   return vjp(g)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _freeze_conv_kwargs(kwargs) -> tuple:
+def freeze_conv_kwargs(kwargs) -> tuple:
   frozen = []
   for key, val in sorted(kwargs.items()):
     if isinstance(val, list):
@@ -661,16 +665,16 @@ def conv(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
   lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision...).
   """
   check_packable(spec, x=x)
-  frozen = _freeze_conv_kwargs(conv_kwargs)
+  frozen = freeze_conv_kwargs(conv_kwargs)
   if is_exact(spec):
-    return _conv_plain(x, kernel, bias, frozen)
+    return conv_plain(x, kernel, bias, frozen)
   return _conv(x, kernel, bias, frozen, spec)
 
 
 def conv_reference(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
-  frozen = _freeze_conv_kwargs(conv_kwargs)
-  exact = _conv_plain(x, kernel, bias, frozen)
+  frozen = freeze_conv_kwargs(conv_kwargs)
+  exact = conv_plain(x, kernel, bias, frozen)
   if is_exact(spec):
     return exact
   x_st = _straight_through(x, weight_copy_reference(x, spec))
-  return with_value_of(exact, _conv_plain(x_st, kernel, bias, frozen))
+  return with_value_of(exact, conv_plain(x_st, kernel, bias, frozen))

@@ -281,7 +281,9 @@ def _topk_rows_sort(x: jax.Array, k: int) -> jax.Array:
   if n <= 1 << 16:
     pos = jnp.arange(n, dtype=jnp.uint32)[None, :]
     key = (magnitude_keys(x) << 16) | (0xFFFF - pos)
-    top = ~lax.sort(~key, dimension=1)[:, :k]
+    # Keys are distinct, so stability buys nothing; a stable sort costs an iota operand
+    # on GPU (XLA's bitonic sort is not stable, so it sorts (key, position) pairs).
+    top = ~lax.sort(~key, dimension=1, is_stable=False)[:, :k]
     return (0xFFFF - (top & 0xFFFF)).astype(jnp.int32)
   iota = lax.broadcasted_iota(jnp.int32, (rows, n), 1)
   _, idx = lax.sort((0x7FFF - magnitude_keys(x), iota), dimension=1, num_keys=1,
@@ -321,7 +323,7 @@ def topk_rows(x: jax.Array, k: int) -> jax.Array:
   pos = lax.platform_dependent(x, cpu=lambda a: _topk_rows_search(a, k),
                                default=lambda a: _topk_rows_sort(a, k))
   # Increasing: the search gives bitmask order, the sort magnitude order.
-  return lax.sort(pos, dimension=1)
+  return lax.sort(pos, dimension=1, is_stable=False)  # distinct positions
 
 
 def rows_mask_reference(x: jax.Array, k: int) -> jax.Array:

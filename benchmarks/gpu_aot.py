@@ -102,17 +102,18 @@ def child_env(base: Optional[dict] = None) -> dict:
   return env
 
 
-def gpu_settings() -> dict:
-  """What the GPU resolves where an AOT process (backend "cpu") would resolve otherwise."""
+def gpu_settings(batch_chunk: Optional[int] = None) -> dict:
+  """What the GPU resolves where an AOT process (backend "cpu") would resolve otherwise;
+  `batch_chunk` replaces the GPU's default batch slice (0: none)."""
   from razor_jax import policy  # pylint: disable=g-import-not-at-top
   return {"granularity": policy.auto_granularity("gpu"),
-          "batch_chunk": policy.auto_batch_chunk("gpu")}
+          "batch_chunk": policy.auto_batch_chunk("gpu") if batch_chunk is None else batch_chunk}
 
 
-def target_config(case: Case):
+def target_config(case: Case, batch_chunk: Optional[int] = None):
   """`case`'s train config with the GPU's choices in place of the backend's."""
   config = case.config()
-  settings = gpu_settings()
+  settings = gpu_settings(batch_chunk)
   config.policy.granularity = settings["granularity"]
   config.model.batch_chunk = settings["batch_chunk"]
   return config
@@ -127,13 +128,14 @@ def topology_mesh(target: str):
   return sharding.make_mesh(1, 1, devices=topology.devices)
 
 
-def compile_case(case: Case, mesh, target: str, hlo_dir: Optional[str] = None) -> dict:
+def compile_case(case: Case, mesh, target: str, hlo_dir: Optional[str] = None,
+                 batch_chunk: Optional[int] = None) -> dict:
   """Compiles `case`'s step on `mesh`; its memory, modeled time and settings as a dict."""
   from benchmarks import gpu_time  # pylint: disable=g-import-not-at-top
   from benchmarks import step as bench_step  # pylint: disable=g-import-not-at-top
   from razor_jax import memory  # pylint: disable=g-import-not-at-top
   from razor_jax.train import setup as train_setup  # pylint: disable=g-import-not-at-top
-  config = target_config(case)
+  config = target_config(case, batch_chunk)
   began = time.monotonic()
   model = train_setup.build_model(config, case.num_classes)
   _, _, compiled = train_setup.compile_step(model, config, mesh)
@@ -147,7 +149,7 @@ def compile_case(case: Case, mesh, target: str, hlo_dir: Optional[str] = None) -
       f.write(hlo)
   return {"case": case.to_json(), "backend": backend_name(target), "device": DEVICES[target],
           "compiled_peak_bytes": analysis.peak_bytes, "temp_bytes": analysis.temp_bytes,
-          "modeled": gpu_time.estimate(hlo).to_json(), "settings": gpu_settings(),
+          "modeled": gpu_time.estimate(hlo).to_json(), "settings": gpu_settings(batch_chunk),
           "bits_per_element": bench_step.packed_bits(case, config), "compile_s": compile_s}
 
 
@@ -182,6 +184,8 @@ def main(argv=None) -> int:
   parser.add_argument("cases", help="a JSON list of Cases")
   parser.add_argument("--target", default="h200", choices=TARGETS)
   parser.add_argument("--hlo_dir", help="also write each optimized HLO module here")
+  parser.add_argument("--batch_chunk", type=int,
+                      help="the ViT's batch slice instead of the GPU default (0: none)")
   args = parser.parse_args(argv)
   if os.environ.get("JAX_PLATFORMS") != "cpu":
     raise SystemExit("run through benchmarks.gpu_aot.run_child (or with JAX_PLATFORMS=cpu and"
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
   for case_json in json.loads(args.cases):
     case = Case.from_json(case_json)
     try:
-      result = compile_case(case, mesh, args.target, args.hlo_dir)
+      result = compile_case(case, mesh, args.target, args.hlo_dir, args.batch_chunk)
     except Exception as e:  # pylint: disable=broad-except  (one case must not stop the rest)
       failed += 1
       print(f"FAILED {case_json}: {type(e).__name__}: {str(e)[-600:]}", file=sys.stderr,

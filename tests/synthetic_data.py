@@ -20,6 +20,7 @@ class SyntheticData:
     self.noise = noise
     self.delay_s = delay_s  # sleep per training batch: slows a run down enough to kill it
     self.nan_from_step = nan_from_step  # images become NaN from this step on
+    self.crop_area_min = "never asked"  # what the trainer passed (the images ignore it)
 
   def num_classes(self, name, data_dir=None):  # pylint: disable=unused-argument
     return self.classes
@@ -38,7 +39,8 @@ class SyntheticData:
     return images, labels
 
   def train_batches(self, name, *, batch_size, image_size, seed, start_step=0,  # pylint: disable=unused-argument
-                    data_dir=None, manual_dir=None):
+                    data_dir=None, manual_dir=None, crop_area_min=None):
+    self.crop_area_min = crop_area_min
     step = start_step
     while True:
       images, labels = self._examples(np.random.default_rng([seed, step]), batch_size, image_size)

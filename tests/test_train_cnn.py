@@ -207,6 +207,7 @@ def test_cnn_configs_build_their_model(name, arch, classes):
   if name != "cnn_demo":  # the paper's recipe (cmds/CNN/*.sh of the original code)
     assert (config.batch_size, config.lr, config.optimizer.name) == (8, 1e-4, "adam")
     assert config.label_smoothing == 0.7 and model.dropout_rate == 0.2
+    assert config.crop_area_min == 0.22  # tinytl_fgvc_train.py's resize_scale
   if arch == "mobilenet_v2":
     assert model.width == 1.0 and config.init_path.endswith("_1.0_224.h5")
     v = jax.eval_shape(lambda: train_setup.build_model(config, 1000).init(

@@ -222,10 +222,12 @@ def test_sigterm_saves_and_stops(compile_cache, tmp_path):
 def test_batch_size_one_trains(optimizer, tmp_path):
   lr = {"sgd": 0.05, "adam": 0.003}[optimizer]
   config = tiny(batch_size=1, total_steps=60, warmup_steps=5, lr=lr, eval_every=60,
-                eval_batch_size=12,
+                eval_batch_size=12, crop_area_min=0.22,
                 checkpoint_every=60, log_every=10, mesh=dict(data=1, fsdp=1),
                 optimizer=dict(name=optimizer))
-  result = train.run(config, str(tmp_path), datasets=SyntheticData())
+  data = SyntheticData()
+  result = train.run(config, str(tmp_path), datasets=data)
+  assert data.crop_area_min == 0.22  # the config's crop reaches the data pipeline
   assert result["step"] == 60
   assert result["eval/accuracy"] > 0.5, result  # 4 classes: chance is 0.25
 
@@ -290,6 +292,8 @@ def test_starts_from_a_public_format_checkpoint(baseline, tmp_path):
 def test_config_errors_are_clear(tmp_path):
   with pytest.raises(train.ConfigError, match="divisible by the number of devices"):
     train.run(tiny(batch_size=12), str(tmp_path), datasets=SyntheticData())
+  with pytest.raises(train.ConfigError, match=r"crop_area_min must be in \(0, 1\].*got 1.5"):
+    train.run(tiny(crop_area_min=1.5), str(tmp_path), datasets=SyntheticData())
   with pytest.raises(train.ConfigError, match="unknown config key 'optimiser'"):
     train.run(tiny(optimiser=dict(name="sgd")), str(tmp_path), datasets=SyntheticData())
   with pytest.raises(train.CheckpointMissingError, match="init_path='missing.npz'"):

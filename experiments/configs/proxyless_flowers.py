@@ -5,8 +5,9 @@
 
 The recipe of the original code's CNN runs (VITA-Group/BackRazor_Neurips22,
 cmds/CNN/*.sh, on TinyTL's tinytl_fgvc_train.py): batch 8, Adam at 1e-4 with a cosine
-schedule and no warm-up, 50 epochs, label smoothing 0.7, dropout 0.2 before a new
-classifier, BatchNorm fixed (`full_noBN`), every conv and the classifier pruned at 0.9.
+schedule and no warm-up, 50 epochs, random crops of 22-100% of the image, label
+smoothing 0.7, dropout 0.2 before a new classifier, BatchNorm fixed (`full_noBN`),
+every conv and the classifier pruned at 0.9.
 
 Init: ProxylessNAS-Mobile's ImageNet weights are published only as a PyTorch pickle,
 which razor_jax does not read, so there is no default file: convert them once to the
@@ -29,6 +30,7 @@ def get_config():
   config = train_config.get_config()  # every field is documented there
   config.dataset = "oxford_flowers102"  # 102 species; train+validation (2040) / test (6149)
   config.image_size = 224
+  config.crop_area_min = 0.22  # tinytl_fgvc_train.py's --resize_scale default
   config.batch_size = 8  # the paper's CNN runs (Tables 2 and 4); Table 3 is batch 1
   config.eval_batch_size = 96
   config.model.name = "proxyless_mobile"  # 4,080,512 parameters at 1000 classes

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 224  # square input side in pixels; the public checkpoints are 224
   config.batch_size = 128  # global batch over all devices and hosts
   config.eval_batch_size = 0  # 0 = batch_size; must also divide by the device count
+  # Smallest area of the random training crop, as a fraction of the image (the original
+  # CNN runs' resize_scale, 0.22 there); None = the dataset's own (razor_jax.data).
+  config.crop_area_min = config_dict.placeholder(float)
 
   # Model: config.model.name picks it (one of MODELS); the ViT's fields, then the CNNs'.
   config.model = ml_collections.ConfigDict()

@@ -345,7 +345,7 @@ class _Loop:
     batches = iter(self.datasets.train_batches(
         config.dataset, batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, start_step=start, data_dir=config.data_dir or None,
-        manual_dir=config.manual_dir or None))
+        manual_dir=config.manual_dir or None, crop_area_min=config.crop_area_min))
     preemption = _Preemption()
     self.progress = Progress(start=start, total=total, enabled=config.progress_bar)
     self.throughput.start()

@@ -53,6 +53,9 @@ def check_config(config, num_devices: int):
                "checkpoint_every", "image_size"):
     if config[name] < 1:
       raise ConfigError(f"{name} must be at least 1, got {config[name]}")
+  if config.crop_area_min is not None and not 0.0 < config.crop_area_min <= 1.0:
+    raise ConfigError(f"crop_area_min must be in (0, 1] (a fraction of the image's area) or"
+                      f" None for the dataset's own, got {config.crop_area_min}")
   accum = config.grad_accum_steps
   if config.batch_size % accum:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by"

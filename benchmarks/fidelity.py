@@ -16,6 +16,8 @@ Accuracy (`--accuracy`): transfer runs of the same policies on both demo tasks (
 whatever results/fidelity_accuracy_{demo,demo_all}.json already hold.
 
   python -m benchmarks.fidelity [--batches 3] [--no_memory] [--accuracy]
+      [--no_fidelity] [--optimizers sgd,adam] [--steps 500,2000] [--seeds 0,1,2]
+      [--methods "paper@0.9,razor@0.9 token"] [--tasks demo,demo_all]
 
 writes results/fidelity.json, then re-renders results/README.md (its section "Fidelity:
 the paper preset, the defaults and the energy estimator").
@@ -186,15 +188,26 @@ def markdown(doc: dict) -> list[str]:
 
 
 def run_accuracy(directory: str = RESULTS, scope: Optional[dict] = None, say=print):
-  """The transfer runs of ACCURACY_SCOPE on every task (resumable; hours on 2 CPU cores)."""
+  """The transfer runs of `scope` (default ACCURACY_SCOPE: every method, optimizer, step
+  count and seed, on every task; resumable; hours on 2 CPU cores). `scope` may narrow
+  any of optimizers, steps, seeds, methods (labels of ACCURACY_METHODS) and tasks
+  (configs of TASKS); full fine-tuning and the CPU default razor@0.9 always run."""
   from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
   from razor_jax.train import cli  # pylint: disable=g-import-not-at-top
-  scope = scope or ACCURACY_SCOPE
+  scope = {**ACCURACY_SCOPE, "methods": ACCURACY_METHODS,
+           "tasks": tuple(c for c, _ in TASKS.values()), **(scope or {})}
+  unknown = (set(scope["methods"]) - set(ACCURACY_METHODS)) | (
+      set(scope["tasks"]) - {c for c, _ in TASKS.values()})
+  if unknown:
+    raise ValueError(f"unknown methods or tasks {sorted(unknown)}; expected methods from"
+                     f" {ACCURACY_METHODS} and tasks from {[c for c, _ in TASKS.values()]}")
   configs = os.path.join(HERE, os.pardir, "experiments", "configs")
-  extra = {m: accuracy.FIDELITY_METHODS[m] for m in ACCURACY_METHODS}
+  extra = {m: accuracy.FIDELITY_METHODS[m] for m in scope["methods"]}
   for optimizer in scope["optimizers"]:
     for steps in scope["steps"]:
       for config, name in TASKS.values():
+        if config not in scope["tasks"]:
+          continue
         base = cli.load_config(config, configs).to_dict()
         accuracy.sweep(base, os.path.join(directory, name), prune_ratios=(0.0, 0.9),
                        extra=extra, seeds=scope["seeds"], optimizers=(optimizer,),
@@ -252,6 +265,17 @@ def load(directory: str = RESULTS) -> Optional[dict]:
     return json.load(f)
 
 
+def _scope(args) -> dict:
+  """The command line's narrowing of ACCURACY_SCOPE."""
+  scope = {}
+  for field, kind in (("optimizers", str), ("steps", int), ("seeds", int), ("methods", str),
+                      ("tasks", str)):
+    value = getattr(args, field)
+    if value is not None:
+      scope[field] = tuple(kind(v) for v in value.split(",") if v.strip())
+  return scope
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", type=int, default=3)
@@ -260,16 +284,26 @@ def main(argv=None) -> int:
   parser.add_argument("--accuracy", action="store_true",
                       help="also run the transfer runs of ACCURACY_SCOPE (hours; resumable)")
   parser.add_argument("--out", default=os.path.join(RESULTS, FIDELITY_JSON))
+  # Narrow --accuracy's grid (comma lists); the full grid is the default.
+  parser.add_argument("--optimizers", help=f"default {','.join(ACCURACY_SCOPE['optimizers'])}")
+  parser.add_argument("--steps", help="default " + ",".join(map(str, ACCURACY_SCOPE["steps"])))
+  parser.add_argument("--seeds", help="default " + ",".join(map(str, ACCURACY_SCOPE["seeds"])))
+  parser.add_argument("--methods", help=f"besides full and razor@0.9, from {ACCURACY_METHODS};"
+                      " default all; '' for none")
+  parser.add_argument("--tasks", help="default " + ",".join(c for c, _ in TASKS.values()))
+  parser.add_argument("--no_fidelity", action="store_true",
+                      help="keep results/fidelity.json as it is (with --accuracy)")
   args = parser.parse_args(argv)
-  doc = {"batches": args.batches, "batch_size": args.batch_size,
-         "fidelity": fidelity(args.batches, args.batch_size)}
-  if not args.no_memory:
-    doc["memory"] = memory_table()
-  records.write_json(args.out, doc)
-  print("\n".join(markdown(doc)))
   directory = os.path.dirname(os.path.abspath(args.out))
+  if not args.no_fidelity:
+    doc = {"batches": args.batches, "batch_size": args.batch_size,
+           "fidelity": fidelity(args.batches, args.batch_size)}
+    if not args.no_memory:
+      doc["memory"] = memory_table()
+    records.write_json(args.out, doc)
+    print("\n".join(markdown(doc)))
   if args.accuracy:
-    run_accuracy(directory)
+    run_accuracy(directory, _scope(args))
   from benchmarks import render  # pylint: disable=g-import-not-at-top
   render.write(directory, plots=False)
   return 0

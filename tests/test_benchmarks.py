@@ -164,3 +164,19 @@ def test_accuracy_summary_and_run_config():
   assert (config["optimizer"]["name"], config["lr"], config["seed"]) == ("adam", 1e-3, 2)
   assert config["prune_ratio"] == 0.9 and config["policy"] == {"attention": 0.0}
   assert config["total_steps"] == config["eval_every"] == 60 and config["warmup_steps"] == 6
+
+
+def test_fidelity_accuracy_scope_narrows_the_grid_and_rejects_unknown_names():
+  import argparse  # pylint: disable=g-import-not-at-top
+  from benchmarks import fidelity  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(optimizers="sgd", steps="500", seeds="0,1",
+                            methods="razor@0.9 token", tasks=None)
+  assert fidelity._scope(args) == {"optimizers": ("sgd",), "steps": (500,), "seeds": (0, 1),
+                                   "methods": ("razor@0.9 token",)}
+  assert fidelity._scope(argparse.Namespace(optimizers=None, steps=None, seeds=None,
+                                            methods="", tasks=None)) == {"methods": ()}
+  # A misspelt method or task fails before any run starts (nothing is written).
+  with pytest.raises(ValueError, match=r"unknown methods or tasks \['razor@0.9 tokens'\]"):
+    fidelity.run_accuracy("/nonexistent", {"methods": ("razor@0.9 tokens",)})
+  with pytest.raises(ValueError, match=r"unknown methods or tasks \['cifar'\]"):
+    fidelity.run_accuracy("/nonexistent", {"tasks": ("cifar",)})

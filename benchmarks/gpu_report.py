@@ -161,6 +161,18 @@ def assumptions(constants: gpu_time.Constants = gpu_time.H200) -> list[str]:
       " (its passes over each activation to select and pack) and launches (about twice"
       " remat's): launches weigh most at small sizes, bytes at ViT-L/16 batch 128.",
       "",
+      "Passes the selection makes over each activation it packs (read from the optimized"
+      " HLO of ViT-B/16 b32): on the GPU (token rows), one fused pass builds a 32-bit key"
+      " per element (bfloat16 magnitude above reversed position), one sort per row kernel"
+      " orders the keys, one pass gathers the kept values and writes the packed row"
+      " (Elias-Fano positions, 4-bit values), and a sort of the K kept positions puts them"
+      " in order: 16 sort ops in the scanned block (8 packed activations, 2 sorts each;"
+      " executed once per block), no data-dependent loop and no conditional. On CPU"
+      " (sample groups) a strided sample brackets the threshold, one counting pass marks"
+      " the candidates, the exact search runs over the candidates (about 2% of the"
+      " group), and a whole-group search of 15-31 passes runs only when the bracket"
+      " misses.",
+      "",
       "Compiled from this CPU-only machine, the process's backend is \"cpu\", so the GPU"
       " targets set what resolves by backend to the GPU's choice: granularity \"token\" and"
       " batch_chunk 0 (each record's `settings`).",

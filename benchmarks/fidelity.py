@@ -74,10 +74,12 @@ NEGLIGIBLE = 1e-6  # of the largest parameter's exact gradient norm
 # Transfer tasks: label -> (config in experiments/configs, results file).
 TASKS = {"digits 5-9 (demo)": ("demo", "fidelity_accuracy_demo.json"),
          "all ten digits, new head (demo_all)": ("demo_all", "fidelity_accuracy_demo_all.json")}
+TASK_CONFIGS = tuple(config for config, _ in TASKS.values())
 # The accuracy scope run by --accuracy (SGD first: its gap is the open question).
 ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 token",
                     "razor@0.9 token energy")
-ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2))
+ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2),
+                      methods=ACCURACY_METHODS, tasks=TASK_CONFIGS)
 
 
 def _model(policy: Policy, **kw):
@@ -187,6 +189,18 @@ def markdown(doc: dict) -> list[str]:
   return lines + [""]
 
 
+def accuracy_scope(narrowing: Optional[dict] = None) -> dict:
+  """ACCURACY_SCOPE with `narrowing`'s fields in its place; a ValueError for a method or
+  task it does not know, before anything runs."""
+  scope = {**ACCURACY_SCOPE, **(narrowing or {})}
+  unknown = (set(scope["methods"]) - set(ACCURACY_METHODS)) | (
+      set(scope["tasks"]) - set(TASK_CONFIGS))
+  if unknown:
+    raise ValueError(f"unknown methods or tasks {sorted(unknown)}; expected methods from"
+                     f" {ACCURACY_METHODS} and tasks from {list(TASK_CONFIGS)}")
+  return scope
+
+
 def run_accuracy(directory: str = RESULTS, scope: Optional[dict] = None, say=print):
   """The transfer runs of `scope` (default ACCURACY_SCOPE: every method, optimizer, step
   count and seed, on every task; resumable; hours on 2 CPU cores). `scope` may narrow
@@ -194,13 +208,7 @@ def run_accuracy(directory: str = RESULTS, scope: Optional[dict] = None, say=pri
   (configs of TASKS); full fine-tuning and the CPU default razor@0.9 always run."""
   from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
   from razor_jax.train import cli  # pylint: disable=g-import-not-at-top
-  scope = {**ACCURACY_SCOPE, "methods": ACCURACY_METHODS,
-           "tasks": tuple(c for c, _ in TASKS.values()), **(scope or {})}
-  unknown = (set(scope["methods"]) - set(ACCURACY_METHODS)) | (
-      set(scope["tasks"]) - {c for c, _ in TASKS.values()})
-  if unknown:
-    raise ValueError(f"unknown methods or tasks {sorted(unknown)}; expected methods from"
-                     f" {ACCURACY_METHODS} and tasks from {[c for c, _ in TASKS.values()]}")
+  scope = accuracy_scope(scope)
   configs = os.path.join(HERE, os.pardir, "experiments", "configs")
   extra = {m: accuracy.FIDELITY_METHODS[m] for m in scope["methods"]}
   for optimizer in scope["optimizers"]:
@@ -290,10 +298,12 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", help="default " + ",".join(map(str, ACCURACY_SCOPE["seeds"])))
   parser.add_argument("--methods", help=f"besides full and razor@0.9, from {ACCURACY_METHODS};"
                       " default all; '' for none")
-  parser.add_argument("--tasks", help="default " + ",".join(c for c, _ in TASKS.values()))
+  parser.add_argument("--tasks", help="default " + ",".join(TASK_CONFIGS))
   parser.add_argument("--no_fidelity", action="store_true",
                       help="keep results/fidelity.json as it is (with --accuracy)")
   args = parser.parse_args(argv)
+  # Checked first: a misspelt name must not wait for the fidelity stage's minutes.
+  scope = accuracy_scope(_scope(args)) if args.accuracy else None
   directory = os.path.dirname(os.path.abspath(args.out))
   if not args.no_fidelity:
     doc = {"batches": args.batches, "batch_size": args.batch_size,
@@ -303,7 +313,7 @@ def main(argv=None) -> int:
     records.write_json(args.out, doc)
     print("\n".join(markdown(doc)))
   if args.accuracy:
-    run_accuracy(directory, _scope(args))
+    run_accuracy(directory, scope)
   from benchmarks import render  # pylint: disable=g-import-not-at-top
   render.write(directory, plots=False)
   return 0

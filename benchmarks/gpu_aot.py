@@ -149,7 +149,9 @@ def compile_case(case: Case, mesh, target: str, hlo_dir: Optional[str] = None,
       f.write(hlo)
   return {"case": case.to_json(), "backend": backend_name(target), "device": DEVICES[target],
           "compiled_peak_bytes": analysis.peak_bytes, "temp_bytes": analysis.temp_bytes,
-          "modeled": gpu_time.estimate(hlo).to_json(), "settings": gpu_settings(batch_chunk),
+          "modeled": gpu_time.estimate(hlo).to_json(),
+          "settings": {"granularity": config.policy.granularity,
+                       "batch_chunk": config.model.batch_chunk},
           "bits_per_element": bench_step.packed_bits(case, config), "compile_s": compile_s}
 
 

@@ -4,12 +4,16 @@ The methods of the paper's CNN tables (appendix Tables 2-5), as fields of
 `razor_jax.models.mobilenet.CNN`:
 
   full        full fine-tuning, BatchNorm trained in train mode (plain autodiff).
-  razor@R     (razor_ef@R, razor_int8@R: smaller position / value formats, see
-              RAZOR_FORMATS) Back Razor as the original CNN runs (`--transfer_learning_method full_noBN
+  razor@R     Back Razor as the original CNN runs (`--transfer_learning_method full_noBN
               --backRazor`): every conv and the classifier keep their input pruned at R,
               ReLU6 a 1-bit mask, BatchNorm fixed (running statistics, no gradient).
+              razor_ef@R, razor_int8@R, razor_rows@R, razor_energy@R: other storage,
+              groups or estimator (RAZOR_VARIANTS).
   actnn       ActNN-style: conv, classifier and train-mode BatchNorm inputs in 2 bits per
               element (groups of 256, stochastic rounding), ReLU6 a 1-bit mask.
+  full_bnfixed, actnn_bnfixed
+              the same with BatchNorm fixed (running statistics), as razor runs it; at
+              batch 1 the batch statistics of the last, 1x1 maps are degenerate.
   tinytl_b    TinyTL-B: biases and the classifier only, BatchNorm frozen.
   tinytl_lb   TinyTL-L+B: TinyTL-B plus a lite residual branch per block.
 
@@ -35,11 +39,19 @@ from razor_jax import memory
 from razor_jax.models import mobilenet
 from razor_jax.policy import Policy
 
-BASE_METHODS = ("full", "full_bnfixed", "actnn", "tinytl_b", "tinytl_lb")
-# Back Razor's storage variants: name -> (value_format, position_format) of the policy.
-RAZOR_FORMATS = {"razor": ("auto", "auto"),  # bf16 values in 15 bits, bitmask positions
-                 "razor_ef": ("auto", "elias_fano"),  # Elias-Fano positions (~0.5 bit at 0.9)
-                 "razor_int8": ("int8", "elias_fano")}  # and int8 values
+BASE_METHODS = ("full", "full_bnfixed", "actnn", "actnn_bnfixed", "tinytl_b", "tinytl_lb")
+# Back Razor's variants: name -> Policy fields. Plain "razor" is the default policy as
+# traced on this process's backend (on CPU: per-sample groups, bfloat16 values in 15
+# bits, bitmask positions).
+RAZOR_VARIANTS = {
+    "razor": {},
+    "razor_ef": dict(position_format="elias_fano"),  # Elias-Fano positions (~0.5 bit at 0.9)
+    "razor_int8": dict(value_format="int8", position_format="elias_fano"),  # and int8 values
+    # What "auto" resolves to on a GPU: image rows (`ops.map_row_ndim`), 4-bit log values,
+    # Elias-Fano positions; named so that a CPU process measures it too.
+    "razor_rows": dict(granularity="token"),
+    "razor_energy": dict(estimator="energy"),  # the SGD estimator option (Policy)
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,23 +64,23 @@ class CnnCase:
 
   def model_kwargs(self) -> dict:
     name, _, ratio = self.method.partition("@")
-    if name in RAZOR_FORMATS and ratio:
-      values, positions = RAZOR_FORMATS[name]
-      return dict(policy=Policy(float(ratio), value_format=values, position_format=positions),
-                  batch_norm="fixed")
+    if name in RAZOR_VARIANTS and ratio:
+      return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[name]), batch_norm="fixed")
     if name == "full":
       return dict(prune_ratio=0.0, batch_norm="train")
     if name == "full_bnfixed":  # razor's control: exact gradients, BatchNorm fixed
       return dict(prune_ratio=0.0, batch_norm="fixed")
     if name == "actnn":
       return dict(compression="actnn", batch_norm="train")
+    if name == "actnn_bnfixed":  # at batch 1, where batch statistics are degenerate
+      return dict(compression="actnn", batch_norm="fixed")
     if name == "tinytl_b":
       return dict(finetune="biases")
     if name == "tinytl_lb":
       return dict(finetune="lite_residual+biases")
-    raise ValueError(f"unknown CNN method {self.method!r}; expected razor@R, razor_ef@R,"
-                     f" razor_int8@R or one of"
-                     f" {BASE_METHODS}")
+    raise ValueError(f"unknown CNN method {self.method!r}; expected one of"
+                     f" {', '.join(v + '@R' for v in RAZOR_VARIANTS)} (R the prune ratio) or"
+                     f" one of {BASE_METHODS}")
 
   def model(self) -> mobilenet.CNN:
     return mobilenet.CNN(arch=self.arch, num_classes=self.num_classes, **self.model_kwargs())

@@ -28,9 +28,10 @@ PAPER = {
 # Table 5: on-device GPU memory, MB: batch -> (full, Back Razor)
 PAPER_DEVICE = {8: (1655, 1637), 128: (7393, 6634)}
 TABLES = {
-    2: (8, ("full", "actnn", "razor@0.9", "razor_ef@0.9", "razor_int8@0.9", "tinytl_b",
-            "tinytl_lb")),
-    3: (1, ("tinytl_b", "tinytl_lb", "razor@0.9", "razor_ef@0.9", "actnn", "full")),
+    2: (8, ("full", "actnn", "razor@0.9", "razor_ef@0.9", "razor_int8@0.9", "razor_rows@0.9",
+            "tinytl_b", "tinytl_lb")),
+    3: (1, ("tinytl_b", "tinytl_lb", "razor@0.9", "razor_ef@0.9", "razor_rows@0.9", "actnn",
+            "full")),
     4: (8, ("full", "razor@0.8", "razor_ef@0.8")),
 }
 COMPILED = ((128, ("full", "razor@0.9", "actnn")), (8, ("full", "razor@0.9", "actnn")))

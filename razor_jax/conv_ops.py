@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from razor_jax import barriers, packed
-from razor_jax.ops import (PackSpec, check_float, check_packable, is_exact,
+from razor_jax.ops import (PackSpec, check_float, check_packable, is_exact, map_row_ndim,
                            one_bit_unit, with_value_of)
 
 # ----------------------------------------------------------------- relu6
@@ -110,7 +110,7 @@ def _bn_train(x, scale, bias, eps, spec):
 def _bn_train_fwd(x, scale, bias, eps, spec):
   mean, var = batch_norm_stats(x)
   y = batch_norm_apply(x, mean, var, scale, bias, eps)
-  x_packed = spec.pack(x)
+  x_packed = spec.pack(x, map_row_ndim(x.ndim))
   res = (x_packed, mean, lax.rsqrt(var + eps), scale, bias)
   return (barriers.depend(y, x_packed), mean, var), res
 
@@ -146,7 +146,7 @@ def batch_norm_train(x, scale, bias, spec: Optional[PackSpec], epsilon: float = 
     (y, mean, var): the output and the batch statistics (float32, biased variance, no
     gradient) for the running averages.
   """
-  check_packable(spec, x=x)
+  check_packable(spec, map_row_ndim(jnp.ndim(x)), x=x)
   _check_channels(x, scale=scale, bias=bias)
   if is_exact(spec):
     mean, var = batch_norm_stats(x)
@@ -164,7 +164,8 @@ def batch_norm_train_reference(x, scale, bias, spec: Optional[PackSpec], epsilon
     return (exact,) + stats
   axes = channel_axes(x)
   mean_sg, rstd = lax.stop_gradient(mean), lax.stop_gradient(lax.rsqrt(var + epsilon))
-  x_hat = lax.stop_gradient((spec.prune_reference(x).astype(jnp.float32) - mean_sg) * rstd)
+  x_pruned = spec.prune_reference(x, map_row_ndim(x.ndim)).astype(jnp.float32)
+  x_hat = lax.stop_gradient((x_pruned - mean_sg) * rstd)
   x32 = x.astype(jnp.float32)
   # Linear in x with the (symmetric) batch-norm Jacobian at the pruned x_hat.
   y = rstd * (x32 - x32.mean(axes) - x_hat * (x_hat * x32).mean(axes))
@@ -187,7 +188,7 @@ def _bn_frozen_fwd(x, mean, var, scale, bias, eps, spec, scale_grad):
   y = batch_norm_apply(x, mean, var, scale, bias, eps)
   stored = None
   if scale is not None and scale_grad:
-    stored = spec.pack(x) if spec is not None else x
+    stored = spec.pack(x, map_row_ndim(x.ndim)) if spec is not None else x
     y = barriers.depend(y, stored)
   return y, (stored, mean, var, scale, bias)
 
@@ -228,7 +229,7 @@ def batch_norm_frozen(x, mean, var, scale, bias, spec: Optional[PackSpec],
   if spec is not None and spec.exact:
     spec = None
   if spec is not None:
-    check_packable(spec, x=x)
+    check_packable(spec, map_row_ndim(jnp.ndim(x)), x=x)
   mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
   return _bn_frozen(x, mean, var, scale, bias, epsilon, spec, scale_grad)
 
@@ -243,7 +244,8 @@ def batch_norm_frozen_reference(x, mean, var, scale, bias, spec: Optional[PackSp
     scale = lax.stop_gradient(scale)
   elif spec is not None and not spec.exact:
     rstd = lax.rsqrt(var + epsilon)
-    x_hat = lax.stop_gradient((spec.prune_reference(x).astype(jnp.float32) - mean) * rstd)
+    x_pruned = spec.prune_reference(x, map_row_ndim(x.ndim)).astype(jnp.float32)
+    x_hat = lax.stop_gradient((x_pruned - mean) * rstd)
     scale_sg = lax.stop_gradient(scale)
     # dx through the exact map (scale fixed), dscale through the pruned x_hat.
     y = batch_norm_apply(x, mean, var, scale_sg, bias, epsilon).astype(jnp.float32)

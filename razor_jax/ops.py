@@ -106,16 +106,27 @@ def is_exact(spec: Optional[PackSpec]) -> bool:
   return spec is None or spec.exact
 
 
-def check_packable(spec: Optional[PackSpec], **arrays):
+def check_packable(spec: Optional[PackSpec], row_ndim: int = 1, **arrays):
   """Raises now, not at differentiation time, if an input cannot be packed by `spec`."""
   for name, x in arrays.items():
     check_float(name, x)
     if not is_exact(spec):
       try:
-        _, n = packed.group_shape(jnp.shape(x), spec.granularity)
+        _, n = packed.group_shape(jnp.shape(x), spec.granularity, row_ndim)
         packed.keep_count(n, spec.prune_ratio, spec.keep_rule)
       except ValueError as e:
         raise ValueError(f"{name} of shape {jnp.shape(x)}: {e}") from None
+
+
+def map_row_ndim(ndim: int) -> int:
+  """Trailing axes in a "token" row of a feature map (a conv's or BatchNorm's input).
+
+  All but the batch and the first spatial axis: one image row (W x C in NHWC). A
+  pixel's channels alone are too few to prune (the stem's 3 input channels keep
+  round(0.3) = 0 at 0.9), and would keep as many of a background pixel's as of an
+  object's.
+  """
+  return max(1, ndim - 2)
 
 
 def check_float(name: str, x):
@@ -634,14 +645,16 @@ def _conv(x, kernel, bias, conv_kwargs, spec):
 
 
 def _conv_fwd(x, kernel, bias, conv_kwargs, spec):
-  x_packed = spec.pack(x)
+  rows = map_row_ndim(x.ndim)
+  x_packed = spec.pack(x, rows)
   y = conv_plain(x, kernel, bias, conv_kwargs)
-  return barriers.depend(y, x_packed), (x_packed, spec.energy(x), kernel, bias)
+  return barriers.depend(y, x_packed), (x_packed, spec.energy(x, rows), kernel, bias)
 
 
 def _conv_bwd(conv_kwargs, spec, res, g):
   x_packed, energy, kernel, bias = res
-  x_pruned = spec.weight_copy(packed.unpack(x_packed, after=g), energy)
+  x = packed.unpack(x_packed, after=g)
+  x_pruned = spec.weight_copy(x, energy, map_row_ndim(x.ndim))
   _, vjp = jax.vjp(lambda a, w, b: conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
   return vjp(g)
 
@@ -664,7 +677,7 @@ def conv(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
   `conv_kwargs` are those of `lax.conv_general_dilated` (window_strides, padding,
   lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision...).
   """
-  check_packable(spec, x=x)
+  check_packable(spec, map_row_ndim(jnp.ndim(x)), x=x)
   frozen = freeze_conv_kwargs(conv_kwargs)
   if is_exact(spec):
     return conv_plain(x, kernel, bias, frozen)
@@ -676,5 +689,5 @@ def conv_reference(x, kernel, bias, spec: Optional[PackSpec], **conv_kwargs):
   exact = conv_plain(x, kernel, bias, frozen)
   if is_exact(spec):
     return exact
-  x_st = _straight_through(x, weight_copy_reference(x, spec))
+  x_st = _straight_through(x, weight_copy_reference(x, spec, map_row_ndim(jnp.ndim(x))))
   return with_value_of(exact, conv_plain(x_st, kernel, bias, frozen))

@@ -150,3 +150,44 @@ def test_grouped_and_depthwise_conv(groups, stride, ratio):
   np.testing.assert_array_equal(y, lax.conv_general_dilated(x, kernel, **kwargs))
   cot = _rand(2, y.shape)
   _close(_vjp(op, (x, kernel), cot), _vjp(ref, (x, kernel), cot))
+
+
+# ----------------------------------------------------------------- token rows (the GPU default)
+
+@pytest.mark.parametrize("estimator", ["none", "energy"])
+def test_conv_token_rows_are_image_rows(estimator):
+  # A stem conv: 3 channels. Per-pixel rows would keep round(0.3) = 0 at 0.9; a row is
+  # one image row (W x C), so the GPU's default granularity works on every CNN conv.
+  spec = PackSpec(0.9, "token", estimator=estimator)
+  x = _rand(0, (2, 8, 10, 3))
+  kernel = _rand(1, (3, 3, 3, 4), scale=0.3)
+  kwargs = dict(window_strides=(1, 1), padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  op = lambda x, w: ops.conv(x, w, None, spec, **kwargs)
+  ref = lambda x, w: ops.conv_reference(x, w, None, spec, **kwargs)
+  cot = _rand(2, (2, 8, 10, 4))
+  _close(_vjp(op, (x, kernel), cot), _vjp(ref, (x, kernel), cot))
+  kept = spec.prune_reference(x, ops.map_row_ndim(x.ndim)) != 0
+  np.testing.assert_array_equal(np.sum(np.asarray(kept), axis=(2, 3)), 3)  # round(0.1 * 30)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batch_norm_token_rows_against_reference(frozen):
+  spec = PackSpec(0.9, "token")
+  x = _rand(0, (2, 4, 5, 8), jnp.float32, 2.0, 0.5)
+  scale, bias = _rand(1, (8,), shift=1.0), _rand(2, (8,))
+  mean, var = _rand(3, (8,)), jnp.abs(_rand(4, (8,))) + 0.5
+  if frozen:
+    op = lambda x, s, b: conv_ops.batch_norm_frozen(x, mean, var, s, b, spec, 1e-3)
+    ref = lambda x, s, b: conv_ops.batch_norm_frozen_reference(x, mean, var, s, b, spec, 1e-3)
+    cot = _rand(5, x.shape)
+  else:
+    op = lambda x, s, b: conv_ops.batch_norm_train(x, s, b, spec, 1e-3)
+    ref = lambda x, s, b: conv_ops.batch_norm_train_reference(x, s, b, spec, 1e-3)
+    cot = (_rand(5, x.shape), jnp.zeros(8), jnp.zeros(8))
+  got = _vjp(op, (x, scale, bias), cot)
+  _close(got, _vjp(ref, (x, scale, bias), cot))
+  if not frozen:  # the scale's gradient comes from the pruned copy
+    exact = _vjp(lambda x, s, b: conv_ops.batch_norm_train(x, s, b, None, 1e-3),
+                 (x, scale, bias), cot)
+    assert not np.allclose(np.asarray(got[1]), np.asarray(exact[1]))

@@ -7,6 +7,7 @@ import pytest
 from flax import traverse_util
 
 from razor_jax.models import mobilenet, mobilenet_checkpoint
+from razor_jax.policy import Policy
 
 # Parameters without BatchNorm running statistics, 1000 classes, 224 px.
 PARAM_COUNTS = {
@@ -87,6 +88,8 @@ def test_methods_same_forward_and_their_gradients(small):
                                  images)
   full = _flat(full_g)
   for model in (_tiny(prune_ratio=0.9, batch_norm="frozen"),
+                # the GPU default: image rows, 4-bit log values, Elias-Fano positions
+                _tiny(policy=Policy(0.9, granularity="token"), batch_norm="frozen"),
                 _tiny(compression="actnn", batch_norm="frozen")):
     g, (out, _) = _grads(model, params, stats, images)
     np.testing.assert_allclose(out, full_out, rtol=1e-5, atol=1e-5)

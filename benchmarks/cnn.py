@@ -165,11 +165,66 @@ def train_step(case: CnnCase, lr: float = 0.01):
   return jax.jit(step, donate_argnums=0), variables
 
 
-def compiled_peak_bytes(case: CnnCase) -> Optional[int]:
-  """XLA's argument + output + temp - alias bytes of the donated train step (compiles)."""
+def compiled_peak_bytes(case: CnnCase, device=None) -> Optional[int]:
+  """XLA's argument + output + temp - alias bytes of the donated train step (compiles).
+
+  `device`: compile for it (e.g. a compile-only GPU of `gpu_aot`), not the default one.
+  """
   step, variables = train_step(case)
-  labels = jax.ShapeDtypeStruct((case.batch,), jnp.int32)
+  args = (variables["params"], case.image, jax.ShapeDtypeStruct((case.batch,), jnp.int32))
+  if device is not None:
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        args)
   try:
-    return memory.compiled_memory(step, variables["params"], case.image, labels).peak_bytes
+    return memory.compiled_memory(step, *args).peak_bytes
   except RuntimeError:
     return None
+
+
+# What "auto" resolves to on a GPU, for an AOT process whose backend is "cpu".
+GPU_METHOD = {"razor@0.9": "razor_rows@0.9", "razor@0.8": "razor_rows@0.8"}
+
+
+def gpu_compiled_peaks(cases, target: str = "h200", timeout_s: float = 3600) -> dict:
+  """{method: compiled peak bytes} of `cases` compiled for `target` (benchmarks.gpu_aot's
+  deviceless AOT, in a child process). A razor case is compiled with the GPU's policy."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
+  gpu_aot.target_description(target)
+  payload = json.dumps([dataclasses.asdict(c) for c in cases])
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.cnn", target, payload],
+                        capture_output=True, text=True, timeout=timeout_s,
+                        env=gpu_aot.child_env(), check=False)
+  out = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith(gpu_aot.RESULT_PREFIX):
+      r = json.loads(line[len(gpu_aot.RESULT_PREFIX):])
+      out[CnnCase(**r["case"])] = r["compiled_peak_bytes"]
+  if not out:
+    raise RuntimeError(f"compiling CNN cases for {target} failed (exit status"
+                       f" {proc.returncode}):\n{(proc.stderr or proc.stdout)[-2000:]}")
+  return out
+
+
+def _aot_child(target: str, payload: str):
+  import json  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
+  device = topologies.get_topology_desc(
+      platform="cuda", target_config=gpu_aot.target_description(target),
+      topology="1x1x1").devices[0]
+  for fields in json.loads(payload):
+    case = CnnCase(**fields)
+    compiled = dataclasses.replace(case, method=GPU_METHOD.get(case.method, case.method))
+    print(gpu_aot.RESULT_PREFIX + json.dumps(
+        {"case": fields, "compiled_peak_bytes": compiled_peak_bytes(compiled, device)}),
+          flush=True)
+    jax.clear_caches()
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  _aot_child(*sys.argv[1:3])

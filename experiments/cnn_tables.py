@@ -2,6 +2,8 @@
 
     python experiments/cnn_tables.py                  # saved-activation bytes (traced, fast)
     python experiments/cnn_tables.py --compiled       # + XLA:CPU compiled peaks (slow)
+    python experiments/cnn_tables.py --gpu_aot        # + peaks compiled for the H200
+                                                      #   (benchmarks/gpu_aot.py's plugin)
 
 Writes results/cnn_tables.json and results/cnn_tables.md. The accounting is explained in
 benchmarks/cnn.py; the paper's own figures are printed beside ours.
@@ -42,6 +44,9 @@ def main(argv=None):
   parser.add_argument("--arch", default="proxyless_mobile")
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--compiled", action="store_true", help="also compile the steps (slow)")
+  parser.add_argument("--gpu_aot", action="store_true",
+                      help="also compile them for the H200 (deviceless; razor with the GPU's"
+                           " policy); peaks not recompiled are kept from the last --out")
   parser.add_argument("--out", default="results/cnn_tables")
   args = parser.parse_args(argv)
   rows = []
@@ -53,15 +58,30 @@ def main(argv=None):
                        paper_total_bytes=cnn.paper_total_bytes(case, act),
                        paper_mb=PAPER.get((table, batch, method))))
       print(rows[-1], flush=True)
+  previous = {}
+  if os.path.exists(args.out + ".json"):
+    with open(args.out + ".json") as f:
+      previous = {(r["batch"], r["method"]): r for r in json.load(f).get("compiled_peaks", [])}
+  cases = [cnn.CnnCase(args.arch, method, batch, args.image_size)
+           for batch, methods in COMPILED for method in methods]
+  gpu = {}
+  if args.gpu_aot:
+    start = time.time()
+    gpu = cnn.gpu_compiled_peaks(cases)
+    print(f"compiled {len(gpu)} cases for the H200 in {time.time() - start:.0f} s", flush=True)
   peaks = []
-  if args.compiled:
-    for batch, methods in COMPILED:
-      for method in methods:
-        start = time.time()
-        peak = cnn.compiled_peak_bytes(cnn.CnnCase(args.arch, method, batch, args.image_size))
-        peaks.append(dict(batch=batch, method=method, compiled_peak_bytes=peak,
-                          compile_s=round(time.time() - start)))
-        print(peaks[-1], flush=True)
+  for case in cases:
+    row = dict(previous.get((case.batch, case.method),
+                            dict(batch=case.batch, method=case.method, compiled_peak_bytes=None)))
+    if args.compiled:
+      start = time.time()
+      row.update(compiled_peak_bytes=cnn.compiled_peak_bytes(case),
+                 compile_s=round(time.time() - start))
+    if case in gpu:
+      row["h200_peak_bytes"] = gpu[case]
+    peaks.append(row)
+    print(row, flush=True)
+  peaks = [r for r in peaks if r.get("compiled_peak_bytes") or r.get("h200_peak_bytes")]
   result = dict(arch=args.arch, image_size=args.image_size, num_classes=102,
                 saved_activations=rows, compiled_peaks=peaks)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -82,14 +102,19 @@ def render(result) -> str:
     lines.append(f"| {r['table']} | {r['batch']} | {r['method']} |"
                  f" {r['activation_bytes'] / MB:.1f} | {r['paper_total_bytes'] / MB:.1f} | {paper} |")
   if result["compiled_peaks"]:
-    lines += ["", "Compiled peak of one donated SGD step (XLA:CPU memory analysis); Table 5's"
-              " on-device GPU figures (full -> Back Razor) beside.", "",
-              "| batch | method | compiled peak (MB) | paper device (MB) |", "|---|---|---|---|"]
+    lines += ["", "Compiled peak of one donated SGD step (memory analysis: arguments + outputs +"
+              " temporaries - aliased), on XLA:CPU and compiled for an H200 without one"
+              " (`--gpu_aot`; razor with the GPU's default policy: image rows, 4-bit log"
+              " values, Elias-Fano positions); Table 5's on-device GPU figures (full -> Back"
+              " Razor) beside.", "",
+              "| batch | method | XLA:CPU (MB) | H200 compile (MB) | paper device (MB) |",
+              "|---|---|---|---|---|"]
+    mb = lambda b: "n/a" if b is None else f"{b / MB:.0f}"
     for r in result["compiled_peaks"]:
       full, razor = PAPER_DEVICE.get(r["batch"], (None, None))
       paper = {"full": full, "razor@0.9": razor}.get(r["method"])
-      peak = "n/a" if r["compiled_peak_bytes"] is None else f"{r['compiled_peak_bytes'] / MB:.0f}"
-      lines.append(f"| {r['batch']} | {r['method']} | {peak} | {paper or ''} |")
+      lines.append(f"| {r['batch']} | {r['method']} | {mb(r.get('compiled_peak_bytes'))} |"
+                   f" {mb(r.get('h200_peak_bytes'))} | {paper or ''} |")
   return "\n".join(lines) + "\n"
 
 

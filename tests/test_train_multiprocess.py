@@ -53,8 +53,10 @@ def _env(cache_dir, devices=None, **extra):
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              RAZOR_HEARTBEAT_TIMEOUT_S="10", RAZOR_SHUTDOWN_TIMEOUT_S="20", **extra)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if devices:  # conftest's other flags (LLVM at level 0) stay
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   return env
 
 

@@ -186,7 +186,10 @@ def main(argv=None):
     if batch < 1 or args.images < batch:
       parser.error(f"--batches must be between 1 and --images ({args.images}), got {batch}")
   for method in args.methods:
-    cnn.CnnCase("tiny", method, 8, SIZE, 5).model_kwargs()  # a misspelt name fails here
+    try:
+      cnn.CnnCase("tiny", method, 8, SIZE, 5).model_kwargs()  # a misspelt name fails here
+    except ValueError as e:
+      parser.error(str(e))
   digits = load_digits()
   if not os.path.exists(ASSET):
     pretrain(digits)

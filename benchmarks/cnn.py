@@ -182,45 +182,32 @@ def compiled_peak_bytes(case: CnnCase, device=None) -> Optional[int]:
     return None
 
 
-# What "auto" resolves to on a GPU, for an AOT process whose backend is "cpu".
-GPU_METHOD = {"razor@0.9": "razor_rows@0.9", "razor@0.8": "razor_rows@0.8"}
+def gpu_case(case: CnnCase) -> CnnCase:
+  """`case` as a GPU runs it: plain razor@R takes the GPU's default policy (razor_rows@R),
+  which an AOT process, whose backend is "cpu", would not resolve to by itself."""
+  name, _, ratio = case.method.partition("@")
+  return dataclasses.replace(case, method=f"razor_rows@{ratio}") if name == "razor" else case
 
 
 def gpu_compiled_peaks(cases, target: str = "h200", timeout_s: float = 3600) -> dict:
-  """{method: compiled peak bytes} of `cases` compiled for `target` (benchmarks.gpu_aot's
-  deviceless AOT, in a child process). A razor case is compiled with the GPU's policy."""
+  """{case: compiled peak bytes} of `cases` compiled for `target` (benchmarks.gpu_aot's
+  deviceless AOT, in a child process), each as `gpu_case` has it."""
   import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
-  gpu_aot.target_description(target)
+  gpu_aot.target_description(target)  # an unknown target fails here, not in the child
   payload = json.dumps([dataclasses.asdict(c) for c in cases])
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.cnn", target, payload],
-                        capture_output=True, text=True, timeout=timeout_s,
-                        env=gpu_aot.child_env(), check=False)
-  out = {}
-  for line in proc.stdout.splitlines():
-    if line.startswith(gpu_aot.RESULT_PREFIX):
-      r = json.loads(line[len(gpu_aot.RESULT_PREFIX):])
-      out[CnnCase(**r["case"])] = r["compiled_peak_bytes"]
-  if not out:
-    raise RuntimeError(f"compiling CNN cases for {target} failed (exit status"
-                       f" {proc.returncode}):\n{(proc.stderr or proc.stdout)[-2000:]}")
-  return out
+  results = gpu_aot.child_results(["benchmarks.cnn", target, payload],
+                                  f"CNN cases {payload} for {target}", timeout_s=timeout_s)
+  return {CnnCase(**r["case"]): r["compiled_peak_bytes"] for r in results}
 
 
 def _aot_child(target: str, payload: str):
   import json  # pylint: disable=g-import-not-at-top
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
-  device = topologies.get_topology_desc(
-      platform="cuda", target_config=gpu_aot.target_description(target),
-      topology="1x1x1").devices[0]
+  device = gpu_aot.topology_mesh(target).devices.flat[0]
   for fields in json.loads(payload):
-    case = CnnCase(**fields)
-    compiled = dataclasses.replace(case, method=GPU_METHOD.get(case.method, case.method))
-    print(gpu_aot.RESULT_PREFIX + json.dumps(
-        {"case": fields, "compiled_peak_bytes": compiled_peak_bytes(compiled, device)}),
+    peak = compiled_peak_bytes(gpu_case(CnnCase(**fields)), device)
+    print(gpu_aot.RESULT_PREFIX + json.dumps({"case": fields, "compiled_peak_bytes": peak}),
           flush=True)
     jax.clear_caches()
 

@@ -155,6 +155,23 @@ def compile_case(case: Case, mesh, target: str, hlo_dir: Optional[str] = None,
           "bits_per_element": bench_step.packed_bits(case, config), "compile_s": compile_s}
 
 
+def child_results(module_args: Sequence[str], what: str, *, timeout_s: float = 3600,
+                  env: Optional[dict] = None) -> list[dict]:
+  """The RESULT lines of `python -m <module_args>` run with `child_env`, as dicts.
+
+  Raises RuntimeError with the child's stderr tail when no result came back (`what` names
+  what was compiled).
+  """
+  proc = subprocess.run([sys.executable, "-m", *module_args], capture_output=True, text=True,
+                        timeout=timeout_s, env=child_env(env), check=False)
+  results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
+             if line.startswith(RESULT_PREFIX)]
+  if not results:
+    tail = (proc.stderr or proc.stdout)[-2000:]
+    raise RuntimeError(f"compiling {what} failed (exit status {proc.returncode}):\n{tail}")
+  return results
+
+
 def run_child(cases: Sequence[Case], target: str = "h200", *, timeout_s: float = 3600,
               env: Optional[dict] = None, hlo_dir: Optional[str] = None) -> dict:
   """Compiles `cases` for `target` in one fresh process; {case: result dict}.
@@ -163,22 +180,12 @@ def run_child(cases: Sequence[Case], target: str = "h200", *, timeout_s: float =
   the RuntimeError carries when no case came back.
   """
   target_description(target)  # an unknown target fails here, not in the child
-  cmd = [sys.executable, "-m", "benchmarks.gpu_aot", "--target", target,
-         json.dumps([c.to_json() for c in cases])]
+  args = ["benchmarks.gpu_aot", "--target", target, json.dumps([c.to_json() for c in cases])]
   if hlo_dir:
-    cmd += ["--hlo_dir", hlo_dir]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                        env=child_env(env), check=False)
-  results = {}
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_PREFIX):
-      result = json.loads(line[len(RESULT_PREFIX):])
-      results[Case.from_json(result["case"])] = result
-  if not results:
-    tail = (proc.stderr or proc.stdout)[-2000:]
-    raise RuntimeError(f"compiling {[c.to_json() for c in cases]} for {target} failed (exit"
-                       f" status {proc.returncode}):\n{tail}")
-  return results
+    args += ["--hlo_dir", hlo_dir]
+  results = child_results(args, f"{[c.to_json() for c in cases]} for {target}",
+                          timeout_s=timeout_s, env=env)
+  return {Case.from_json(result["case"]): result for result in results}
 
 
 def main(argv=None) -> int:

@@ -31,8 +31,8 @@ from benchmarks import cnn  # noqa: E402
 
 SIZE = 16
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "cnn_demo_digits.npz")
-METHODS = ("full", "razor@0.8", "razor@0.9", "razor_rows@0.9", "razor_energy@0.9", "actnn", "tinytl_b",
-           "tinytl_lb")
+METHODS = ("full", "razor@0.8", "razor@0.9", "razor_rows@0.9", "razor_energy@0.9", "actnn",
+           "tinytl_b", "tinytl_lb")
 
 
 def load_digits():
@@ -77,8 +77,9 @@ def _step(case, tx_key, make_tx, params):
   return _STEPS[case, tx_key]
 
 
-def train(case, params, stats, data, steps, make_tx, seed, tx_key=None):
-  step, tx = _step(case, tx_key or id(make_tx), make_tx, params)
+def train(case, params, stats, data, steps, make_tx, tx_key, seed):
+  """`steps` steps of `make_tx()` (named by the hashable `tx_key`, the step cache's key)."""
+  step, tx = _step(case, tx_key, make_tx, params)
   opt_state = tx.init(params)
   x_all, y_all = data
   rng = np.random.default_rng(seed)
@@ -98,7 +99,7 @@ def pretrain(digits, steps=1500):
   case = cnn.CnnCase("tiny", "full", 32, SIZE, 5)
   v = _variables(case)
   params, stats = train(case, v["params"], v["batch_stats"], digits["pretrain"]["train"], steps,
-                        lambda: optax.adam(2e-3), 0)
+                        lambda: optax.adam(2e-3), ("adam", 2e-3), 0)
   acc = accuracy(case, params, stats, digits["pretrain"]["test"])
   flat = {"params/" + "/".join(k): np.asarray(a)
           for k, a in traverse_util.flatten_dict(params).items()}
@@ -218,8 +219,8 @@ def main(argv=None):
                     "predictions": {"kernel": head, "bias": jnp.zeros(5)}}
           start = time.time()
           params, stats = train(case, params, {**v["batch_stats"], **base_stats},
-                                digits["finetune"]["train"], steps, make_tx, seed,
-                                tx_key=(opt_name, lr))
+                                digits["finetune"]["train"], steps, make_tx, (opt_name, lr),
+                                seed)
           row.update(test_accuracy=accuracy(case, params, stats, digits["finetune"]["test"]),
                      seconds=round(time.time() - start))
           rows.append(row)

@@ -36,8 +36,8 @@ class Policy:
     prune_ratio: default fraction pruned for every op type (0 = exact fine-tuning).
     granularity: which elements compete for the K kept:
       "token": each token's features (all heads of q/k/v), each query's attention
-        row, each image row (W x C) of a CNN's feature map; by bfloat16 magnitude. One sort per row block on GPU (see
-        `selection.topk_rows`), a 15-pass search on CPU.
+        row, each image row (W x C) of a CNN's feature map; by bfloat16 magnitude. One
+        sort per row block on GPU (see `selection.topk_rows`), a 15-pass search on CPU.
       "sample": each batch sample, by exact magnitude (the paper's rule); a
         sampled-bracket search tuned for XLA:CPU, which on GPU costs data-dependent
         loops and conditionals.

@@ -64,6 +64,22 @@ def depend(x, *anchors):
   return lax.platform_dependent(x, leaves, cpu=on_cpu, default=on_gpu)
 
 
+def together(tree):
+  """`tree` unchanged, with every leaf computed before any is used (GPU; identity on CPU).
+
+  In a backward, the weight gradient of a layer is off the critical path: XLA:GPU's
+  scheduler defers it, and with it the unpacked activation and its decoded positions,
+  past the backward of the layers before, where the next layer's temporaries pile on
+  top. Passing (dx, dweights) through one barrier makes the input gradient, and so
+  everything upstream, wait for the weight gradient. XLA:CPU expands the barrier before
+  scheduling, so there it is left out.
+  """
+  if not jax.tree.leaves(tree):
+    return tree
+  return lax.platform_dependent(tree, cpu=lambda t: t,
+                                default=lambda t: lax.optimization_barrier(t))
+
+
 def materialize(fn, *args):
   """fn(*args), computed in full where it is called and never recomputed later.
 

@@ -62,11 +62,16 @@ def _ln_project_bwd(eps, spec, precision, res, gs):
   # copy scaled by its group's |x_hat|^2 / |x_hat kept|^2; the LayerNorm's do not.
   y = (spec.weight_copy(x_hat, energy) * scale.astype(jnp.float32)
        + bias.astype(jnp.float32))
-  _, vjp = jax.vjp(
-      lambda a, ks, bs: ops.dense_multi_plain(a, ks, bs, (a.ndim - 1,), precision),
-      y.astype(y_type.dtype), kernels, biases)
-  dy, dkernels, dbiases = vjp(tuple(gs))
-  dx, dscale, dbias = ops.layer_norm_grads(x_hat, rstd, scale, dy, tuple(range(dy.ndim - 1)))
+  y = y.astype(y_type.dtype)
+  _, vjp_y = jax.vjp(lambda a: ops.dense_multi_plain(a, kernels, biases, (a.ndim - 1,), precision),
+                     y)
+  dy, = vjp_y(tuple(gs))
+  dscale, dbias = ops.layer_norm_param_grads(x_hat, dy, tuple(range(dy.ndim - 1)))
+  # All param gradients before dx, which waits for them through x_hat (ops.param_grads_first).
+  (dkernels, dbiases), x_hat, dscale, dbias = ops.param_grads_first(
+      lambda ks, bs: ops.dense_multi_plain(y, ks, bs, (y.ndim - 1,), precision),
+      (kernels, biases), y.dtype, tuple(gs), x_hat, dscale, dbias)
+  dx = ops.layer_norm_input_grad(x_hat, rstd, scale, dy)
   return (dx.astype(x_type.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype),
           dkernels, dbiases)
 

@@ -180,6 +180,27 @@ def dense_multi_plain(x, kernels, biases, axes, precision):
   return tuple(dense_general_plain(x, k, b, axes, precision) for k, b in zip(kernels, biases))
 
 
+def param_grads_first(fn, params, dtype, g, *waiting):
+  """(the VJP of `fn(*params)` for cotangent `g`, *waiting), all through one barrier.
+
+  Whatever the caller derives from the returned `waiting` values (its input gradient)
+  waits for the param gradients (barriers.together). XLA:GPU otherwise defers a weight
+  gradient, off the critical path, past the backward of the layers before, and keeps
+  the unpacked activation it reads alive there, under their temporaries. The grads pass
+  the barrier in the compute `dtype`; the cast to each param's dtype (exact: the
+  transpose of the forward's cast) comes after, where it fuses into the scan's
+  gradient update.
+  """
+  is_none = lambda p: p is None
+  cast = jax.tree.map(lambda p: None if p is None else p.astype(dtype), params,
+                      is_leaf=is_none)
+  _, vjp = jax.vjp(fn, *cast)
+  grads, *waiting = barriers.together((vjp(g), *waiting))
+  grads = jax.tree.map(lambda d, p: None if p is None else d.astype(p.dtype), tuple(grads),
+                       tuple(params), is_leaf=is_none)
+  return (grads, *waiting)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _dense_multi(x, kernels, biases, axes, spec, precision):
   return dense_multi_plain(x, kernels, biases, axes, precision)
@@ -199,9 +220,12 @@ def _dense_multi_bwd(axes, spec, precision, res, gs):
   x_pruned = spec.weight_copy(x_pruned, energy, row_ndim(axes, x_pruned.ndim))
   # The op is bilinear in (x, kernel): its VJP at the pruned x gives dx from the
   # kernel alone and dkernel from the pruned copy, which is Back Razor's rule.
-  _, vjp = jax.vjp(lambda a, ks, bs: dense_multi_plain(a, ks, bs, axes, precision),
-                   x_pruned, kernels, biases)
-  return vjp(tuple(gs))
+  (dkernels, dbiases), gs = param_grads_first(
+      lambda ks, bs: dense_multi_plain(x_pruned, ks, bs, axes, precision),
+      (kernels, biases), x_pruned.dtype, tuple(gs), tuple(gs))
+  _, vjp_x = jax.vjp(lambda a: dense_multi_plain(a, kernels, biases, axes, precision),
+                     x_pruned)
+  return vjp_x(gs)[0], dkernels, dbiases
 
 
 _dense_multi.defvjp(_dense_multi_fwd, _dense_multi_bwd)
@@ -430,15 +454,24 @@ def _layer_norm_fwd(x, scale, bias, eps, spec):
   return barriers.depend(y, x_packed), (x_packed, mean, rstd, scale, bias)
 
 
+def layer_norm_param_grads(x_hat, g, reduce_axes):
+  """LayerNorm's scale and bias gradients from the normalized input (float32)."""
+  g32 = g.astype(jnp.float32)
+  return jnp.sum(g32 * x_hat, axis=reduce_axes), jnp.sum(g32, axis=reduce_axes)
+
+
+def layer_norm_input_grad(x_hat, rstd, scale, g):
+  """LayerNorm's input gradient from the normalized input and 1/std (float32)."""
+  g32 = g.astype(jnp.float32)
+  u = g32 * scale.astype(jnp.float32) if scale is not None else g32
+  return rstd[..., None] * (u - u.mean(-1, keepdims=True)
+                            - x_hat * (u * x_hat).mean(-1, keepdims=True))
+
+
 def layer_norm_grads(x_hat, rstd, scale, g, reduce_axes):
   """Closed-form LayerNorm VJP from the normalized input and 1/std (float32)."""
-  g32 = g.astype(jnp.float32)
-  dscale = jnp.sum(g32 * x_hat, axis=reduce_axes)
-  dbias = jnp.sum(g32, axis=reduce_axes)
-  u = g32 * scale.astype(jnp.float32) if scale is not None else g32
-  dx = rstd[..., None] * (u - u.mean(-1, keepdims=True)
-                          - x_hat * (u * x_hat).mean(-1, keepdims=True))
-  return dx, dscale, dbias
+  dscale, dbias = layer_norm_param_grads(x_hat, g, reduce_axes)
+  return layer_norm_input_grad(x_hat, rstd, scale, g), dscale, dbias
 
 
 def _layer_norm_bwd(eps, spec, res, g):

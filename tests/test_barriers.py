@@ -35,3 +35,29 @@ def test_materialize_computes_inside_a_conditional():
   chex.assert_trees_all_equal(jax.jit(lambda a: barriers.materialize(fn, a))(x), fn(x))
   jaxpr = jax.make_jaxpr(lambda a: barriers.materialize(fn, a))(x)
   assert [eqn.primitive.name for eqn in jaxpr.eqns][-1] == "cond"
+
+
+def test_together_is_a_barrier_on_gpu_and_nothing_on_cpu():
+  x = (jnp.array([np.nan, -0.0, 1.0]), {"w": jnp.ones((2, 2), jnp.bfloat16)})
+  chex.assert_trees_all_equal(jax.jit(barriers.together)(x), x)
+  traced = jax.jit(barriers.together).trace(x)
+  # XLA:GPU keeps the barrier through scheduling; XLA:CPU would expand it, so none is made.
+  assert "optimization_barrier" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "optimization_barrier" not in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+def test_param_grads_pass_the_barrier_with_what_waits_for_them():
+  from razor_jax import ops  # pylint: disable=g-import-not-at-top
+  x = jnp.linspace(-1, 1, 12).reshape(3, 4).astype(jnp.bfloat16)
+  kernel, bias, g = jnp.ones((4, 2)), jnp.zeros((2,)), jnp.ones((3, 2), jnp.bfloat16)
+  fn = lambda k, b: ops.dense_general_plain(x, k, b, (1,), None)
+  (dk, db), waited = ops.param_grads_first(fn, (kernel, bias), x.dtype, g, g)
+  _, vjp = jax.vjp(fn, kernel, bias)
+  want_dk, want_db = vjp(g)
+  # Same values and dtypes as plain autodiff: the cast to float32 params is after the barrier.
+  chex.assert_trees_all_equal((dk, db, waited), (want_dk, want_db, g))
+  assert dk.dtype == kernel.dtype == jnp.float32
+  lowered = jax.jit(lambda k, b: ops.param_grads_first(fn, (k, b), x.dtype, g, g)).trace(
+      kernel, bias).lower(lowering_platforms=("cuda",)).as_text()
+  barrier = [l for l in lowered.splitlines() if "optimization_barrier" in l]
+  assert len(barrier) == 1 and "bf16" in barrier[0]  # grads in the compute dtype

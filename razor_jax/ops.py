@@ -688,8 +688,10 @@ def _conv_bwd(conv_kwargs, spec, res, g):
   x_packed, energy, kernel, bias = res
   x = packed.unpack(x_packed, after=g)
   x_pruned = spec.weight_copy(x, energy, map_row_ndim(x.ndim))
-  _, vjp = jax.vjp(lambda a, w, b: conv_plain(a, w, b, conv_kwargs), x_pruned, kernel, bias)
-  return vjp(g)
+  (dkernel, dbias), g = param_grads_first(
+      lambda w, b: conv_plain(x_pruned, w, b, conv_kwargs), (kernel, bias), x_pruned.dtype, g, g)
+  _, vjp_x = jax.vjp(lambda a: conv_plain(a, kernel, bias, conv_kwargs), x_pruned)
+  return vjp_x(g)[0], dkernel, dbias
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

@@ -127,21 +127,8 @@ def saved_activation_bytes(case: CnnCase) -> int:
 
 
 def trainable_mask(case: CnnCase, params) -> dict:
-  """{path: bool} of the params the method trains (TinyTL's and the paper's choices)."""
-  kw = case.model_kwargs()
-  finetune = kw.get("finetune", "all")
-  mask = {}
-  for path in traverse_util.flatten_dict(params):
-    layer, leaf = path[0], path[-1]
-    is_bn = leaf in ("scale", "bias") and layer != "predictions" and "lite_residual" not in layer
-    if finetune != "all":
-      mask[path] = (layer == "predictions" or "lite_residual" in layer
-                    or (is_bn and leaf == "bias"))
-    elif kw.get("batch_norm") == "fixed":
-      mask[path] = not is_bn
-    else:
-      mask[path] = True
-  return mask
+  """{path: bool} of the params the method trains: the model's own rule (CNN.trainable)."""
+  return traverse_util.flatten_dict(case.model().trainable(params))
 
 
 def paper_total_bytes(case: CnnCase, activation_bytes: int) -> int:

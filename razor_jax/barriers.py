@@ -69,10 +69,11 @@ def together(tree):
 
   In a backward, the weight gradient of a layer is off the critical path: XLA:GPU's
   scheduler defers it, and with it the unpacked activation and its decoded positions,
-  past the backward of the layers before, where the next layer's temporaries pile on
-  top. Passing (dx, dweights) through one barrier makes the input gradient, and so
-  everything upstream, wait for the weight gradient. XLA:CPU expands the barrier before
-  scheduling, so there it is left out.
+  past the backward of the layers before, where their temporaries pile on top. Passing
+  the weight gradients and what the input gradient is computed from through one
+  barrier makes the input gradient, and so everything upstream, wait for them
+  (ops.param_grads_first). XLA:CPU expands the barrier before scheduling, so there it
+  is left out.
   """
   if not jax.tree.leaves(tree):
     return tree

@@ -191,14 +191,17 @@ def param_grads_first(fn, params, dtype, g, *waiting):
   transpose of the forward's cast) comes after, where it fuses into the scan's
   gradient update.
   """
-  is_none = lambda p: p is None
-  cast = jax.tree.map(lambda p: None if p is None else p.astype(dtype), params,
-                      is_leaf=is_none)
-  _, vjp = jax.vjp(fn, *cast)
+  _, vjp = jax.vjp(fn, *jax.tree.map(lambda p: p.astype(dtype), params))
   grads, *waiting = barriers.together((vjp(g), *waiting))
-  grads = jax.tree.map(lambda d, p: None if p is None else d.astype(p.dtype), tuple(grads),
-                       tuple(params), is_leaf=is_none)
-  return (grads, *waiting)
+  return (jax.tree.map(lambda d, p: d.astype(p.dtype), grads, tuple(params)), *waiting)
+
+
+def bilinear_vjp(fn, x, params, g):
+  """(dx, *dparams) of `fn(x, *params)`, bilinear in x and the params, at cotangent `g`:
+  the param gradients first (param_grads_first), then dx from the params alone."""
+  grads, g = param_grads_first(lambda *ps: fn(x, *ps), params, x.dtype, g, g)
+  _, vjp_x = jax.vjp(lambda a: fn(a, *params), x)
+  return (vjp_x(g)[0], *grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -220,12 +223,8 @@ def _dense_multi_bwd(axes, spec, precision, res, gs):
   x_pruned = spec.weight_copy(x_pruned, energy, row_ndim(axes, x_pruned.ndim))
   # The op is bilinear in (x, kernel): its VJP at the pruned x gives dx from the
   # kernel alone and dkernel from the pruned copy, which is Back Razor's rule.
-  (dkernels, dbiases), gs = param_grads_first(
-      lambda ks, bs: dense_multi_plain(x_pruned, ks, bs, axes, precision),
-      (kernels, biases), x_pruned.dtype, tuple(gs), tuple(gs))
-  _, vjp_x = jax.vjp(lambda a: dense_multi_plain(a, kernels, biases, axes, precision),
-                     x_pruned)
-  return vjp_x(gs)[0], dkernels, dbiases
+  return bilinear_vjp(lambda a, ks, bs: dense_multi_plain(a, ks, bs, axes, precision),
+                      x_pruned, (kernels, biases), tuple(gs))
 
 
 _dense_multi.defvjp(_dense_multi_fwd, _dense_multi_bwd)
@@ -688,10 +687,8 @@ def _conv_bwd(conv_kwargs, spec, res, g):
   x_packed, energy, kernel, bias = res
   x = packed.unpack(x_packed, after=g)
   x_pruned = spec.weight_copy(x, energy, map_row_ndim(x.ndim))
-  (dkernel, dbias), g = param_grads_first(
-      lambda w, b: conv_plain(x_pruned, w, b, conv_kwargs), (kernel, bias), x_pruned.dtype, g, g)
-  _, vjp_x = jax.vjp(lambda a: conv_plain(a, kernel, bias, conv_kwargs), x_pruned)
-  return vjp_x(g)[0], dkernel, dbias
+  return bilinear_vjp(lambda a, w, b: conv_plain(a, w, b, conv_kwargs), x_pruned,
+                      (kernel, bias), g)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

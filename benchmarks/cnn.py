@@ -52,6 +52,10 @@ RAZOR_VARIANTS = {
     "razor_rows": dict(granularity="token"),
     "razor_energy": dict(estimator="energy"),  # the SGD estimator option (Policy)
 }
+# A variant name + "_bn" (razor_bn@0.9, razor_rows_bn@0.9): the same policy with BatchNorm
+# trained in batch-statistics mode as `full` trains it, its input pruned like a conv's
+# (`conv_ops.batch_norm_train`); beyond the original, which fixes BatchNorm.
+BN_TRAIN_SUFFIX = "_bn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,9 @@ class CnnCase:
     name, _, ratio = self.method.partition("@")
     if name in RAZOR_VARIANTS and ratio:
       return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[name]), batch_norm="fixed")
+    base = name[:-len(BN_TRAIN_SUFFIX)]
+    if name.endswith(BN_TRAIN_SUFFIX) and base in RAZOR_VARIANTS and ratio:
+      return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[base]), batch_norm="train")
     if name == "full":
       return dict(prune_ratio=0.0, batch_norm="train")
     if name == "full_bnfixed":  # razor's control: exact gradients, BatchNorm fixed
@@ -79,7 +86,8 @@ class CnnCase:
     if name == "tinytl_lb":
       return dict(finetune="lite_residual+biases")
     raise ValueError(f"unknown CNN method {self.method!r}; expected one of"
-                     f" {', '.join(v + '@R' for v in RAZOR_VARIANTS)} (R the prune ratio) or"
+                     f" {', '.join(v + '@R' for v in RAZOR_VARIANTS)} (R the prune ratio;"
+                     f" {BN_TRAIN_SUFFIX!r} after the name trains BatchNorm) or"
                      f" one of {BASE_METHODS}")
 
   def model(self) -> mobilenet.CNN:

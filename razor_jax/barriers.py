@@ -13,12 +13,51 @@ lowered, so an XLA:GPU compile from a CPU process gets the GPU form):
   - XLA:CPU expands optimization barriers before fusion, where they hold nothing; the
     CPU forms use a conditional or a select on `never_true`, a predicate that is
     always false but that no XLA pass folds.
+
+`lax.platform_dependent` traces every branch, and the barriers nest (a packed residual
+is materialized from codecs that materialize their own parts), so choosing the form at
+each level traced the inner levels once per branch of every level above: 3^depth traces
+of the innermost code, most of a step's tracing time. Inside a branch the platform is
+known, so the barriers there take that branch's form directly (`_per_platform`).
 """
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+_TRACING = threading.local()  # .branch: "cpu" or "gpu" while a branch below is traced
+
+
+@contextlib.contextmanager
+def _branch(name):
+  outer = getattr(_TRACING, "branch", None)
+  _TRACING.branch = name
+  try:
+    yield
+  finally:
+    _TRACING.branch = outer
+
+
+def _per_platform(args, cpu, gpu):
+  """cpu(*args) on XLA:CPU, gpu(*args) elsewhere, decided when the program is lowered;
+  inside a branch of an enclosing call, that branch's form alone is traced."""
+  branch = getattr(_TRACING, "branch", None)
+  if branch is not None:
+    return (cpu if branch == "cpu" else gpu)(*args)
+
+  def in_branch(name, fn):
+    def traced(*a):
+      with _branch(name):
+        return fn(*a)
+    return traced
+
+  return lax.platform_dependent(*args, cpu=in_branch("cpu", cpu),
+                                default=in_branch("gpu", gpu))
 
 
 def never_true(anchor: jax.Array) -> jax.Array:
@@ -61,7 +100,7 @@ def depend(x, *anchors):
   def on_gpu(x, leaves):
     return lax.optimization_barrier((x, leaves))[0]
 
-  return lax.platform_dependent(x, leaves, cpu=on_cpu, default=on_gpu)
+  return _per_platform((x, leaves), on_cpu, on_gpu)
 
 
 def together(tree):
@@ -77,8 +116,7 @@ def together(tree):
   """
   if not jax.tree.leaves(tree):
     return tree
-  return lax.platform_dependent(tree, cpu=lambda t: t,
-                                default=lambda t: lax.optimization_barrier(t))
+  return _per_platform((tree,), lambda t: t, lax.optimization_barrier)
 
 
 def materialize(fn, *args):
@@ -89,16 +127,15 @@ def materialize(fn, *args):
   inside the backward from the dense activation, which stays alive for it. A
   conditional (CPU) or an optimization barrier (GPU) is a fusion boundary.
   """
-  out = jax.eval_shape(fn, *args)
-  zeros = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
-
   def on_cpu(*args):
+    out = jax.eval_shape(fn, *args)
+    zeros = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
     return lax.cond(never_true(jax.tree.leaves(args)[0]), zeros, fn, *args)
 
   def on_gpu(*args):
     return lax.optimization_barrier(fn(*args))
 
-  return lax.platform_dependent(*args, cpu=on_cpu, default=on_gpu)
+  return _per_platform(args, on_cpu, on_gpu)
 
 
 def zeros_after(shape, dtype, anchor: jax.Array) -> jax.Array:

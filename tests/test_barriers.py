@@ -61,3 +61,26 @@ def test_param_grads_pass_the_barrier_with_what_waits_for_them():
       kernel, bias).lower(lowering_platforms=("cuda",)).as_text()
   barrier = [l for l in lowered.splitlines() if "optimization_barrier" in l]
   assert len(barrier) == 1 and "bf16" in barrier[0]  # grads in the compute dtype
+
+
+def test_nested_barriers_take_their_branch_form_and_trace_linearly():
+  traces = []
+
+  def innermost(a):
+    traces.append(1)
+    return jnp.sin(a)
+
+  def level(fn):
+    return lambda a: barriers.depend(barriers.materialize(fn, a) * 2, a)
+
+  fn = level(level(level(level(innermost))))
+  x = jnp.linspace(-1, 1, 8)
+  traced = jax.jit(fn).trace(x)
+  # Below the top level, only the enclosing branch's form is traced: 3 traces at any
+  # depth. Choosing the form again at every level traced it 2 * depth + 1 times (9).
+  assert len(traces) <= 3, len(traces)
+  np.testing.assert_array_equal(traced.lower().compile()(x), 16 * jnp.sin(x))
+  cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+  cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+  assert cuda.count("optimization_barrier") >= 8  # 4 materialize + 4 depend
+  assert "optimization_barrier" not in cpu and "popcnt" in cpu

@@ -165,8 +165,9 @@ with noisier or BatchNorm-fixed gradients: razor, actnn, full_bnfixed.)
 
 Command: `python experiments/cnn_digits.py` (resumes from {out}; std over seeds). Rows
 with 10 seeds add `--batches 8 --seeds 0 1 2 3 4 5 6 7 8 9 --methods full full_bnfixed
-razor@0.9 razor_bn@0.9 razor_rows@0.9 razor_rows_bn@0.9`: with 3 seeds the standard error
-of a gap is about 0.7 points, more than the 0.5-point goal.
+razor@0.9 razor_bn@0.9 razor_rows@0.9 razor_rows_bn@0.9` and `--batches 1 --seeds 0 1 2 3 4
+5 6 7 8 9 --methods full razor@0.9 razor_rows@0.9`: with 3 seeds the standard error of a gap
+is about 0.7 points, more than the 0.5-point goal.
 
 """
 

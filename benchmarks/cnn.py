@@ -68,11 +68,11 @@ class CnnCase:
 
   def model_kwargs(self) -> dict:
     name, _, ratio = self.method.partition("@")
-    if name in RAZOR_VARIANTS and ratio:
-      return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[name]), batch_norm="fixed")
-    base = name[:-len(BN_TRAIN_SUFFIX)]
-    if name.endswith(BN_TRAIN_SUFFIX) and base in RAZOR_VARIANTS and ratio:
-      return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[base]), batch_norm="train")
+    bn_train = name.endswith(BN_TRAIN_SUFFIX)
+    variant = name[:-len(BN_TRAIN_SUFFIX)] if bn_train else name
+    if variant in RAZOR_VARIANTS and ratio:
+      return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[variant]),
+                  batch_norm="train" if bn_train else "fixed")
     if name == "full":
       return dict(prune_ratio=0.0, batch_norm="train")
     if name == "full_bnfixed":  # razor's control: exact gradients, BatchNorm fixed

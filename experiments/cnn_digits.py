@@ -120,7 +120,15 @@ def load_pretrained():
 # At batch 1 the batch statistics of the last, 1x1 feature maps are degenerate (zero
 # variance), so the methods that train BatchNorm in batch-statistics mode run it fixed,
 # as the paper's batch-1 runs do (full_noBN).
-AT_BATCH_1 = {"full": "full_bnfixed", "actnn": "actnn_bnfixed", "razor_bn@0.9": "razor@0.9"}
+AT_BATCH_1 = {"full": "full_bnfixed", "actnn": "actnn_bnfixed"}
+
+
+def at_batch_1(method: str) -> str:
+  """What `method` runs as at batch 1: its BatchNorm-fixed twin where it trains BatchNorm."""
+  name, at, ratio = method.partition("@")
+  if name.endswith(cnn.BN_TRAIN_SUFFIX):  # razor_bn@R -> razor@R
+    return name[:-len(cnn.BN_TRAIN_SUFFIX)] + at + ratio
+  return AT_BATCH_1.get(method, method)
 
 
 def learning_rate(optimizer: str, base: float, batch: int) -> float:
@@ -143,7 +151,7 @@ def summarize(rows) -> str:
            "|---|---|---|---|---|---|---|---|"]
   for (batch, opt, lr, steps, method), accs in sorted(groups.items(), key=lambda kv: (
       -kv[0][0], kv[0][1], kv[0][4] not in ("full", "full_bnfixed"), kv[0][4])):
-    ref = groups.get((batch, opt, lr, steps, AT_BATCH_1["full"] if batch == 1 else "full"))
+    ref = groups.get((batch, opt, lr, steps, at_batch_1("full") if batch == 1 else "full"))
     gap = f"{np.mean(accs) - np.mean(ref):+.2f}" if ref else ""
     lines.append(f"| {batch} | {steps} | {opt} | {lr:g} | {method} | {len(accs)} |"
                  f" {np.mean(accs):.2f} +- {np.std(accs):.2f} | {gap} |")
@@ -157,8 +165,8 @@ a fresh 5-class head; test accuracy on 191 images (one image = 0.52 points), Bat
 its running statistics. Each run sees the same number of training images (steps x batch).
 razor@R, full_bnfixed and actnn_bnfixed run BatchNorm fixed (the paper's full_noBN);
 full, actnn and razor_bn@R train it in batch-statistics mode (razor_bn's BatchNorm input
-pruned too); tinytl_* freeze it. At batch 1, full,
-actnn and razor_bn run with BatchNorm fixed (their batch statistics are degenerate there).
+pruned too); tinytl_* freeze it. At batch 1, full, actnn and razor_bn run with BatchNorm
+fixed (their batch statistics are degenerate there).
 Learning rates: Adam 1e-3 and SGD 0.003 (momentum 0.9) at batch 8, SGD scaled linearly
 and Adam by the square root of the batch. (SGD at 0.05 and 0.01 diverged for the methods
 with noisier or BatchNorm-fixed gradients: razor, actnn, full_bnfixed.)
@@ -207,7 +215,7 @@ def main(argv=None):
   done = {_key(r) for r in rows}
   for batch in args.batches:
     steps = args.images // batch
-    for method in dict.fromkeys(AT_BATCH_1.get(m, m) if batch == 1 else m for m in args.methods):
+    for method in dict.fromkeys(at_batch_1(m) if batch == 1 else m for m in args.methods):
       case = cnn.CnnCase("tiny", method, batch, SIZE, 5)
       for opt_name in args.optimizers:
         lr = learning_rate(opt_name, args.adam_lr if opt_name == "adam" else args.sgd_lr, batch)

@@ -16,9 +16,9 @@ lowered, so an XLA:GPU compile from a CPU process gets the GPU form):
 
 `lax.platform_dependent` traces every branch, and the barriers nest (a packed residual
 is materialized from codecs that materialize their own parts), so choosing the form at
-each level traced the inner levels once per branch of every level above: 3^depth traces
-of the innermost code, most of a step's tracing time. Inside a branch the platform is
-known, so the barriers there take that branch's form directly (`_per_platform`).
+each level traced the inner levels again for every level above (2 * depth + 1 traces of
+the innermost code; half of the demo ViT's tracing time). Inside a branch the platform
+is known, so the barriers there take that branch's form directly (`_per_platform`).
 """
 from __future__ import annotations
 

@@ -106,16 +106,13 @@ def gpu_settings(batch_chunk: Optional[int] = None) -> dict:
   """What the GPU resolves where an AOT process (backend "cpu") would resolve otherwise;
   `batch_chunk` replaces the GPU's default batch slice (0: none)."""
   from razor_jax import policy  # pylint: disable=g-import-not-at-top
-  return {"granularity": policy.auto_granularity("gpu"),
-          "batch_chunk": policy.auto_batch_chunk("gpu") if batch_chunk is None else batch_chunk}
+  return {"batch_chunk": policy.auto_batch_chunk("gpu") if batch_chunk is None else batch_chunk}
 
 
 def target_config(case: Case, batch_chunk: Optional[int] = None):
   """`case`'s train config with the GPU's choices in place of the backend's."""
   config = case.config()
-  settings = gpu_settings(batch_chunk)
-  config.policy.granularity = settings["granularity"]
-  config.model.batch_chunk = settings["batch_chunk"]
+  config.model.batch_chunk = gpu_settings(batch_chunk)["batch_chunk"]
   return config
 
 

@@ -44,7 +44,7 @@ def test_missing_plugin_and_unknown_target_say_what_to_do(tmp_path, monkeypatch)
 def test_target_config_takes_the_gpu_choices_not_the_cpu_process():
   config = gpu_aot.target_config(Case("B/16", 32, RAZOR))
   assert (config.policy.granularity, config.model.batch_chunk) == ("token", 0)
-  assert gpu_aot.gpu_settings() == {"granularity": "token", "batch_chunk": 0}
+  assert gpu_aot.gpu_settings() == {"batch_chunk": 0}
 
 
 # Compiled in a child with child_env: the plugin is imported there only, and this

@@ -49,15 +49,17 @@ def test_per_op_ratios_and_their_errors():
     Policy.make(0.9, dense=1.5)
 
 
-def test_granularity_auto_resolves_by_platform():
+def test_token_rows_are_the_default_on_every_backend_and_auto_is_their_old_name():
   from razor_jax import policy as policy_lib
-  assert policy_lib.auto_granularity("cpu") == "sample"
-  assert policy_lib.auto_granularity("gpu") == "token"
   assert policy_lib.auto_batch_chunk("cpu") == 32 and policy_lib.auto_batch_chunk("gpu") == 0
-  # Traced here (CPU), "auto" gives the sample groups; a named granularity is kept.
-  assert Policy(0.9).spec("dense").granularity == "sample"
-  assert Policy(0.9, granularity="token").spec("dense").granularity == "token"
-  # Formats that only one granularity stores need it named.
-  with pytest.raises(ValueError, match="granularity='auto' can resolve to 'sample'"):
-    Policy(0.9, value_format="log4")
-  assert Policy(0.9, granularity="token", value_format="log4").spec("dense").value_format == "log4"
+  # Traced here (CPU), the default is token rows, as on GPU; "auto" (the name configs used
+  # when CPU took sample groups) is the same policy, so it hashes and compares equal.
+  assert Policy(0.9).spec("dense").granularity == "token"
+  assert Policy(0.9, granularity="auto") == Policy(0.9)
+  assert Policy(0.9, granularity="sample").spec("dense").granularity == "sample"
+  # Formats that only one granularity stores fail for the other, naming it.
+  assert Policy(0.9, value_format="log4").spec("dense").value_format == "log4"
+  with pytest.raises(ValueError, match="value_format='log4' codes token rows"):
+    Policy(0.9, granularity="sample", value_format="log4")
+  with pytest.raises(ValueError, match="granularity must be one of"):
+    Policy(0.9, granularity="row")

@@ -98,9 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.policy.layer_norm = config_dict.placeholder(float)
   config.policy.conv = config_dict.placeholder(float)  # a CNN's convolutions (CNNs only)
   # Who competes for the K kept: "token" (a token's features, per row: one sort per row
-  # block on GPU), "sample" (a whole sample, the paper's rule) or "auto" ("sample" on
-  # CPU, "token" on GPU/TPU).
-  config.policy.granularity = "auto"
+  # block on GPU; the default everywhere) or "sample" (a whole sample, the paper's rule).
+  config.policy.granularity = "token"
   config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint2"),
   #                                      "uint8", "uint4", "uint2", "bfloat16" or "exact"
   # Kept values: "auto" (token rows: 4-bit "log4"; sample groups: bf16 in 15 bits), "int8", ...

@@ -10,7 +10,7 @@
   --render       only rewrite README.md and the plots from the folder's JSON
   --merge JSON   add the records of another benchmark.json (e.g. from gpu_check.sh), render
   --stages       a comma list of compiled,measured,timed,cosine,gpu_aot to run (default all)
-  --methods      a comma list of method names (full,remat,razor,razor_int8) to keep
+  --methods      a comma list of method names (full,remat,razor,razor_sample) to keep
   --out DIR      where benchmark.json, README.md and the plots go
 
 Each record carries the commit of the razor_jax it measured: run from a clean checkout
@@ -54,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]]):
                       " for --quick)")
   parser.add_argument("--stages", default=",".join(STAGES), help="comma list of " +
                       ", ".join(STAGES))
-  parser.add_argument("--methods", default="full,remat,razor,razor_int8",
+  parser.add_argument("--methods", default="full,remat,razor,razor_sample",
                       help="comma list of method names to measure")
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                       help="compute dtype for --gpu")

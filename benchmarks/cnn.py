@@ -6,9 +6,11 @@ The methods of the paper's CNN tables (appendix Tables 2-5), as fields of
   full        full fine-tuning, BatchNorm trained in train mode (plain autodiff).
   razor@R     Back Razor as the original CNN runs (`--transfer_learning_method full_noBN
               --backRazor`): every conv and the classifier keep their input pruned at R,
-              ReLU6 a 1-bit mask, BatchNorm fixed (running statistics, no gradient).
-              razor_ef@R, razor_int8@R, razor_rows@R, razor_energy@R: other storage,
-              groups or estimator (RAZOR_VARIANTS).
+              ReLU6 a 1-bit mask, BatchNorm fixed (running statistics, no gradient); the
+              default policy (image rows, 4-bit log values, Elias-Fano positions).
+              razor_sample@R (the original's per-sample groups), razor_sample_ef@R,
+              razor_energy@R, razor_sample_energy@R: other groups, storage or estimator
+              (RAZOR_VARIANTS).
   actnn       ActNN-style: conv, classifier and train-mode BatchNorm inputs in 2 bits per
               element (groups of 256, stochastic rounding), ReLU6 a 1-bit mask.
   full_bnfixed, actnn_bnfixed
@@ -40,19 +42,18 @@ from razor_jax.models import mobilenet
 from razor_jax.policy import Policy
 
 BASE_METHODS = ("full", "full_bnfixed", "actnn", "actnn_bnfixed", "tinytl_b", "tinytl_lb")
-# Back Razor's variants: name -> Policy fields. Plain "razor" is the default policy as
-# traced on this process's backend (on CPU: per-sample groups, bfloat16 values in 15
-# bits, bitmask positions).
+# Back Razor's variants: name -> Policy fields. Plain "razor" is the default policy: image
+# rows (`ops.map_row_ndim`), 4-bit log values, Elias-Fano positions, on every backend.
 RAZOR_VARIANTS = {
     "razor": {},
-    "razor_ef": dict(position_format="elias_fano"),  # Elias-Fano positions (~0.5 bit at 0.9)
-    "razor_int8": dict(value_format="int8", position_format="elias_fano"),  # and int8 values
-    # What "auto" resolves to on a GPU: image rows (`ops.map_row_ndim`), 4-bit log values,
-    # Elias-Fano positions; named so that a CPU process measures it too.
-    "razor_rows": dict(granularity="token"),
+    # The original's groups: each sample's whole map, bfloat16 values in 15 bits, bitmask
+    # or index positions (the CPU default until image rows measured better).
+    "razor_sample": dict(granularity="sample"),
+    "razor_sample_ef": dict(granularity="sample", position_format="elias_fano"),
     "razor_energy": dict(estimator="energy"),  # the SGD estimator option (Policy)
+    "razor_sample_energy": dict(granularity="sample", estimator="energy"),
 }
-# A variant name + "_bn" (razor_bn@0.9, razor_rows_bn@0.9): the same policy with BatchNorm
+# A variant name + "_bn" (razor_bn@0.9, razor_sample_bn@0.9): the same policy with BatchNorm
 # trained in batch-statistics mode as `full` trains it, its input pruned like a conv's
 # (`conv_ops.batch_norm_train`); beyond the original, which fixes BatchNorm.
 BN_TRAIN_SUFFIX = "_bn"
@@ -177,16 +178,9 @@ def compiled_peak_bytes(case: CnnCase, device=None) -> Optional[int]:
     return None
 
 
-def gpu_case(case: CnnCase) -> CnnCase:
-  """`case` as a GPU runs it: plain razor@R takes the GPU's default policy (razor_rows@R),
-  which an AOT process, whose backend is "cpu", would not resolve to by itself."""
-  name, _, ratio = case.method.partition("@")
-  return dataclasses.replace(case, method=f"razor_rows@{ratio}") if name == "razor" else case
-
-
 def gpu_compiled_peaks(cases, target: str = "h200", timeout_s: float = 3600) -> dict:
   """{case: compiled peak bytes} of `cases` compiled for `target` (benchmarks.gpu_aot's
-  deviceless AOT, in a child process), each as `gpu_case` has it."""
+  deviceless AOT, in a child process)."""
   import json  # pylint: disable=g-import-not-at-top
   from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
   gpu_aot.target_description(target)  # an unknown target fails here, not in the child
@@ -201,7 +195,7 @@ def _aot_child(target: str, payload: str):
   from benchmarks import gpu_aot  # pylint: disable=g-import-not-at-top
   device = gpu_aot.topology_mesh(target).devices.flat[0]
   for fields in json.loads(payload):
-    peak = compiled_peak_bytes(gpu_case(CnnCase(**fields)), device)
+    peak = compiled_peak_bytes(CnnCase(**fields), device)
     print(gpu_aot.RESULT_PREFIX + json.dumps({"case": fields, "compiled_peak_bytes": peak}),
           flush=True)
     jax.clear_caches()

@@ -17,7 +17,7 @@ whatever results/fidelity_accuracy_{demo,demo_all}.json already hold.
 
   python -m benchmarks.fidelity [--batches 3] [--no_memory] [--accuracy]
       [--no_fidelity] [--optimizers sgd,adam] [--steps 500,2000] [--seeds 0,1,2]
-      [--methods "paper@0.9,razor@0.9 token"] [--tasks demo,demo_all]
+      [--methods "paper@0.9,razor@0.9 sample"] [--tasks demo,demo_all]
 
 writes results/fidelity.json, then re-renders results/README.md (its section "Fidelity:
 the paper preset, the defaults and the energy estimator").
@@ -48,27 +48,27 @@ CHECKPOINT = os.path.join(HERE, os.pardir, "experiments", "assets", "vit_demo_di
 DEMO_SIZES = dict(patch_size=4, hidden_size=64, mlp_dim=128, num_heads=4, num_layers=4)
 FIDELITY_JSON = "fidelity.json"
 
-# label -> policy; "sample" and "token" named, as a CPU run of "auto" resolves to sample.
+# label -> policy; the default is token rows on every backend.
 POLICIES = {
     "full": Policy(0.0),
     "paper preset (Policy.paper)": Policy.paper(0.9),
     "paper preset, fused LayerNorm": Policy.paper(0.9, layer_norm_mode="fused"),
-    "default, CPU (sample groups)": Policy(0.9, granularity="sample"),
-    "default, GPU (token rows, log4)": Policy(0.9, granularity="token"),
+    "per-sample groups (the paper's grouping)": Policy(0.9, granularity="sample"),
+    "default (token rows, log4)": Policy(0.9),
     "paper preset + energy": Policy.paper(0.9, estimator="energy"),
-    "default CPU + energy": Policy(0.9, granularity="sample", estimator="energy"),
-    "default GPU + energy": Policy(0.9, granularity="token", estimator="energy"),
+    "per-sample groups + energy": Policy(0.9, granularity="sample", estimator="energy"),
+    "default + energy": Policy(0.9, estimator="energy"),
 }
 # What the memory stage compiles: case -> (variant, batch, image size, classes, policies).
 # ViT-B/16 compiles take minutes each on a busy CPU, so fewer policies there.
 MEMORY_CASES = {
     "demo ViT, batch 64, 32 px": (None, 64, 32, 5, (
         "full", "paper preset (Policy.paper)", "paper preset, fused LayerNorm",
-        "default, CPU (sample groups)", "default, GPU (token rows, log4)",
-        "default CPU + energy")),
+        "per-sample groups (the paper's grouping)", "default (token rows, log4)",
+        "per-sample groups + energy")),
     "ViT-B/16, batch 32, 224 px": ("B/16", 32, 224, 100, (
-        "paper preset (Policy.paper)", "default, CPU (sample groups)",
-        "default, GPU (token rows, log4)")),
+        "paper preset (Policy.paper)", "per-sample groups (the paper's grouping)",
+        "default (token rows, log4)")),
 }
 NEGLIGIBLE = 1e-6  # of the largest parameter's exact gradient norm
 # Transfer tasks: label -> (config in experiments/configs, results file).
@@ -76,8 +76,8 @@ TASKS = {"digits 5-9 (demo)": ("demo", "fidelity_accuracy_demo.json"),
          "all ten digits, new head (demo_all)": ("demo_all", "fidelity_accuracy_demo_all.json")}
 TASK_CONFIGS = tuple(config for config, _ in TASKS.values())
 # The accuracy scope run by --accuracy (SGD first: its gap is the open question).
-ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 token",
-                    "razor@0.9 token energy")
+ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 sample",
+                    "razor@0.9 sample energy")
 ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2),
                       methods=ACCURACY_METHODS, tasks=TASK_CONFIGS)
 
@@ -205,7 +205,7 @@ def run_accuracy(directory: str = RESULTS, scope: Optional[dict] = None, say=pri
   """The transfer runs of `scope` (default ACCURACY_SCOPE: every method, optimizer, step
   count and seed, on every task; resumable; hours on 2 CPU cores). `scope` may narrow
   any of optimizers, steps, seeds, methods (labels of ACCURACY_METHODS) and tasks
-  (configs of TASKS); full fine-tuning and the CPU default razor@0.9 always run."""
+  (configs of TASKS); full fine-tuning and the default razor@0.9 always run."""
   from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
   from razor_jax.train import cli  # pylint: disable=g-import-not-at-top
   scope = accuracy_scope(scope)

@@ -16,7 +16,7 @@ from benchmarks.cases import Case, Method
 class Record:
   model: str  # "Ti/16", "S/16", "B/16", "L/16" or "demo"
   batch: int
-  method: str  # "full", "remat", "razor" or "razor_int8"
+  method: str  # "full", "remat", "razor" or "razor_sample"
   prune_ratio: float  # 0.0 for full and remat
   # jax.default_backend() where the figures were taken ("cpu", "gpu", ...), or the GPU a
   # step was compiled for without one, "gpu-aot:h200" (benchmarks/gpu_aot.py)
@@ -112,7 +112,7 @@ def merge(old: Iterable[Record], new: Iterable[Record]) -> list[Record]:
 
 
 _MODEL_ORDER = ("demo", "Ti/16", "S/16", "B/16", "L/16")
-_METHOD_ORDER = ("full", "remat", "razor", "razor_int8")
+_METHOD_ORDER = ("full", "remat", "razor", "razor_sample")
 
 
 def sort_key(r: Record) -> tuple:

@@ -68,7 +68,7 @@ def headline(index: Index) -> list[str]:
   for model, batch in (("L/16", 128), ("B/16", 128), ("B/16", 32)):
     full = index.value(model, batch, "full", "compiled_peak_bytes")
     remat = index.value(model, batch, "remat", "compiled_peak_bytes")
-    for label in ("full", "remat", "razor@0.9", "razor_int8@0.9"):
+    for label in ("full", "remat", "razor@0.9", "razor_sample@0.9"):
       r = index.get(model, batch, label)
       if r is None:
         continue
@@ -117,7 +117,7 @@ def table3(index: Index, model: str = "Ti/16") -> list[str]:
   rows = [[label, f"{mb:.0f}", f"{acc:.1f}"] for label, mb, acc in paper.TABLE3["rows"]]
   lines = _table(["paper (ProxylessNAS, batch 1)", "train memory (MB)", "Flowers top-1"], rows)
   ours = []
-  for label in ("full", "remat", "razor@0.9", "razor_int8@0.9"):
+  for label in ("full", "remat", "razor@0.9", "razor_sample@0.9"):
     r = index.get(model, 1, label)
     if r is not None:
       ours.append([f"ViT-{model} {label}", _size(r.compiled_peak_bytes, MIB, 0),
@@ -224,19 +224,25 @@ def findings(index: Index, accuracy_doc: Optional[dict]) -> list[str]:
       lines.append(f"- Step time of {label} on this CPU: median {statistics.median(ratios):.2f}×"
                    f" full fine-tuning over {len(ratios)} model/batch pairs (range"
                    f" {min(ratios):.2f}–{max(ratios):.2f}).")
-  bits = {r.bits_per_element for r in index.records
-          if r.label == "razor@0.9" and r.model != "demo" and r.bits_per_element is not None}
-  if bits:
-    span = (f"{min(bits):.2f}" if f"{min(bits):.2f}" == f"{max(bits):.2f}"
-            else f"{min(bits):.2f}–{max(bits):.2f}")
-    lines.append(f"- Packed residuals at 0.9: {span} bits per stored element (bitmask +"
-                 " 15-bit bfloat16 values); with 8-bit values see the bits table.")
+  for label, storage in (("razor@0.9", "token rows: Elias-Fano positions + 4-bit log values"),
+                         ("razor_sample@0.9", "per-sample groups: bitmask + 15-bit bfloat16"
+                          " values")):
+    bits = {r.bits_per_element for r in index.records
+            if r.label == label and r.model != "demo" and r.bits_per_element is not None}
+    if bits:
+      span = (f"{min(bits):.2f}" if f"{min(bits):.2f}" == f"{max(bits):.2f}"
+              else f"{min(bits):.2f}–{max(bits):.2f}")
+      lines.append(f"- Packed residuals of {label}: {span} bits per stored element ({storage}).")
   rows = accuracy.summarize(accuracy_doc.get("runs", [])) if accuracy_doc else []
+  # Runs whose base config named another granularity than today's default say so.
+  base = (accuracy_doc or {}).get("base_config", {})
+  granularity = base.get("granularity") or base.get("policy", {}).get("granularity")
+  grouping = "" if granularity in (None, "auto", "token") else f" ({granularity} groups)"
   for row in rows:
     headline = row["method"] == "razor@0.9" or row["method"].startswith("razor@0.9 ")
     if headline and row["gap_to_full"] is not None:
       verdict = "within" if row["gap_to_full"] >= -ACCURACY_GOAL else "not within"
-      method = "Back Razor@0.9" + row["method"][len("razor@0.9"):]
+      method = "Back Razor@0.9" + row["method"][len("razor@0.9"):] + grouping
       lines.append(f"- Transfer accuracy ({row['optimizer']}, {row['total_steps']} steps): {method}"
                    f" {row['top1_mean']:.2f} ± {row['top1_std']:.2f}% vs full fine-tuning, gap"
                    f" {row['gap_to_full']:+.2f} points: {verdict} the {ACCURACY_GOAL} point goal.")

@@ -26,7 +26,7 @@ from benchmarks.cases import (ALL_METHODS, DEMO, FULL, MODELS, REMAT, Case, Meth
 from benchmarks.records import Record
 
 RAZOR_90 = Method("razor", 0.9)
-RAZOR_INT8_90 = Method("razor_int8", 0.9)
+RAZOR_SAMPLE_90 = Method("razor_sample", 0.9)
 HEADLINE_METHODS = (FULL, REMAT, RAZOR_90)
 BATCHES = (1, 8, 32, 128)
 DEMO_BATCH = 64  # the demo config's batch
@@ -65,11 +65,11 @@ def full_plan(demo_checkpoint: Optional[str] = None) -> Plan:
   """Everything the committed results hold; about an hour on two CPU cores."""
   demo = _grid([DEMO], [8, DEMO_BATCH], ALL_METHODS)
   small = (_grid(["Ti/16"], [1, 8, 32], ALL_METHODS) + _grid(["S/16"], [1, 8], ALL_METHODS)
-           + _grid(["B/16"], [1, 8], HEADLINE_METHODS + (RAZOR_INT8_90,))
+           + _grid(["B/16"], [1, 8], HEADLINE_METHODS + (RAZOR_SAMPLE_90,))
            + _grid([DEMO], [DEMO_BATCH], ALL_METHODS))
   razor = [m for m in ALL_METHODS if not m.exact]
   cosine = (_grid([DEMO], [DEMO_BATCH], (REMAT, *razor)) + _grid(["Ti/16"], [8], razor)
-            + _grid(["B/16"], [8], (RAZOR_90, RAZOR_INT8_90)))
+            + _grid(["B/16"], [8], (RAZOR_90, RAZOR_SAMPLE_90)))
   # One size where the saving matters, measured without full fine-tuning's 10 GiB.
   larger = _grid(["B/16"], [32], (REMAT, RAZOR_90))
   return Plan(compiled=_grid(MODELS, BATCHES, ALL_METHODS) + demo, measured=small + larger,

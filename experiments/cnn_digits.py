@@ -31,7 +31,7 @@ from benchmarks import cnn  # noqa: E402
 
 SIZE = 16
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "cnn_demo_digits.npz")
-METHODS = ("full", "razor@0.8", "razor@0.9", "razor_rows@0.9", "razor_energy@0.9",
+METHODS = ("full", "razor@0.8", "razor@0.9", "razor_sample@0.9", "razor_energy@0.9",
            "razor_bn@0.9", "actnn", "tinytl_b", "tinytl_lb")
 
 
@@ -163,7 +163,8 @@ MD_HEAD = """# Digits CNN transfer (experiments/cnn_digits.py)
 The tiny CNN (arch='tiny', 16 px) pretrained on digits 0-4, fine-tuned on digits 5-9 with
 a fresh 5-class head; test accuracy on 191 images (one image = 0.52 points), BatchNorm on
 its running statistics. Each run sees the same number of training images (steps x batch).
-razor@R, full_bnfixed and actnn_bnfixed run BatchNorm fixed (the paper's full_noBN);
+razor@R (the default policy: image rows; razor_sample@R: the original's per-sample
+groups), full_bnfixed and actnn_bnfixed run BatchNorm fixed (the paper's full_noBN);
 full, actnn and razor_bn@R train it in batch-statistics mode (razor_bn's BatchNorm input
 pruned too); tinytl_* freeze it. At batch 1, full, actnn and razor_bn run with BatchNorm
 fixed (their batch statistics are degenerate there).
@@ -173,8 +174,8 @@ with noisier or BatchNorm-fixed gradients: razor, actnn, full_bnfixed.)
 
 Command: `python experiments/cnn_digits.py` (resumes from {out}; std over seeds). Rows
 with 10 seeds add `--batches 8 --seeds 0 1 2 3 4 5 6 7 8 9 --methods full full_bnfixed
-razor@0.9 razor_bn@0.9 razor_rows@0.9 razor_rows_bn@0.9` and `--batches 1 --seeds 0 1 2 3 4
-5 6 7 8 9 --methods full razor@0.9 razor_rows@0.9`: with 3 seeds the standard error of a gap
+razor@0.9 razor_bn@0.9 razor_sample@0.9 razor_sample_bn@0.9` and `--batches 1 --seeds 0 1 2 3
+4 5 6 7 8 9 --methods full razor@0.9 razor_sample@0.9`: with 3 seeds the standard error of a gap
 is about 0.7 points, more than the 0.5-point goal.
 
 """

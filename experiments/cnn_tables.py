@@ -30,13 +30,13 @@ PAPER = {
 # Table 5: on-device GPU memory, MB: batch -> (full, Back Razor)
 PAPER_DEVICE = {8: (1655, 1637), 128: (7393, 6634)}
 TABLES = {
-    2: (8, ("full", "actnn", "razor@0.9", "razor_ef@0.9", "razor_int8@0.9", "razor_rows@0.9",
+    2: (8, ("full", "actnn", "razor@0.9", "razor_sample@0.9", "razor_sample_ef@0.9",
             "tinytl_b", "tinytl_lb")),
-    3: (1, ("tinytl_b", "tinytl_lb", "razor@0.9", "razor_ef@0.9", "razor_rows@0.9", "actnn",
-            "full")),
-    4: (8, ("full", "razor@0.8", "razor_ef@0.8")),
+    3: (1, ("tinytl_b", "tinytl_lb", "razor@0.9", "razor_sample@0.9", "actnn", "full")),
+    4: (8, ("full", "razor@0.8", "razor_sample@0.8")),
 }
-COMPILED = ((128, ("full", "razor@0.9", "actnn")), (8, ("full", "razor@0.9", "actnn")))
+COMPILED = tuple((batch, ("full", "razor@0.9", "razor_sample@0.9", "actnn"))
+                 for batch in (128, 8))
 
 
 def main(argv=None):
@@ -45,8 +45,8 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--compiled", action="store_true", help="also compile the steps (slow)")
   parser.add_argument("--gpu_aot", action="store_true",
-                      help="also compile them for the H200 (deviceless; razor with the GPU's"
-                           " policy); peaks not recompiled are kept from the last --out")
+                      help="also compile them for the H200 (deviceless); peaks not"
+                           " recompiled are kept from the last --out")
   parser.add_argument("--out", default="results/cnn_tables")
   args = parser.parse_args(argv)
   rows = []
@@ -104,9 +104,9 @@ def render(result) -> str:
   if result["compiled_peaks"]:
     lines += ["", "Compiled peak of one donated SGD step (memory analysis: arguments + outputs +"
               " temporaries - aliased), on XLA:CPU and compiled for an H200 without one"
-              " (`--gpu_aot`; razor with the GPU's default policy: image rows, 4-bit log"
-              " values, Elias-Fano positions); Table 5's on-device GPU figures (full -> Back"
-              " Razor) beside.", "",
+              " (`--gpu_aot`); razor@R is the default policy (image rows, 4-bit log values,"
+              " Elias-Fano positions), razor_sample@R the original's per-sample groups;"
+              " Table 5's on-device GPU figures (full -> Back Razor) beside.", "",
               "| batch | method | XLA:CPU (MB) | H200 compile (MB) | paper device (MB) |",
               "|---|---|---|---|---|"]
     mb = lambda b: "n/a" if b is None else f"{b / MB:.0f}"

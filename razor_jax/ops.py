@@ -35,7 +35,7 @@ _GELU_CODE_BITS = {"uint8": 8, "uint4": 4, "uint2": 2}
 class PackSpec:
   """How one activation is pruned and stored (hashable: a static argument)."""
   prune_ratio: float = 0.9
-  granularity: str = "sample"
+  granularity: str = "token"  # Policy's default; "sample" for the paper's groups
   value_format: str = "auto"
   position_format: str = "auto"
   keep_rule: str = "exact_k"   # packed.KEEP_RULES

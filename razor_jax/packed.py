@@ -99,7 +99,11 @@ def check_keep_rule(keep_rule: str, granularity: str = "sample") -> str:
 
 
 def keep_count(group_size: int, prune_ratio: float, keep_rule: str = "exact_k") -> int:
-  """K = round((1 - prune_ratio) * n); raises if that keeps nothing.
+  """K = round((1 - prune_ratio) * n), at least 1: every group keeps its largest element.
+
+  The floor of one matters only for short groups (5 elements or fewer at 0.9: a tiny
+  model's token rows or attention heads), whose kept fraction is then 1 / n; the
+  original code's rule keeps at least one as well.
 
   keep_rule "threshold": the least number kept, n - num_small + 1 with num_small =
   clip(floor(n * prune_ratio), 1, n) (the num_small-th smallest is kept too); ties with
@@ -109,13 +113,7 @@ def keep_count(group_size: int, prune_ratio: float, keep_rule: str = "exact_k") 
   if check_keep_rule(keep_rule) == "threshold":
     num_small = min(max(int(math.floor(group_size * ratio)), 1), group_size)
     return group_size - num_small + 1
-  k = int(round((1.0 - ratio) * group_size))
-  if k < 1:
-    raise ValueError(
-        f"prune_ratio={ratio} keeps round({1.0 - ratio:.4g} * {group_size}) = 0 of the"
-        f" {group_size} elements in each group; use a prune_ratio below"
-        f" {1.0 - 0.5 / group_size:.6g} or granularity='sample' for larger groups")
-  return min(k, group_size)
+  return min(max(int(round((1.0 - ratio) * group_size)), 1), group_size)
 
 
 def _value_format(value_format: str, dtype) -> str:

@@ -20,7 +20,7 @@ FULL, RAZOR = parse_method("full"), parse_method("razor@0.9")
 
 def test_method_labels_round_trip():
   assert [m.label for m in ALL_METHODS] == [
-      "full", "remat", "razor@0.8", "razor@0.9", "razor@0.95", "razor@0.97", "razor_int8@0.9"]
+      "full", "remat", "razor@0.8", "razor@0.9", "razor@0.95", "razor@0.97", "razor_sample@0.9"]
   for m in ALL_METHODS:
     assert parse_method(m.label) == m
   for bad in ("razor", "razor@1.0", "remat@0.5", "dense"):
@@ -29,9 +29,10 @@ def test_method_labels_round_trip():
 
 
 def test_case_config_is_the_trainers():
-  config = Case("demo", 8, Method("razor_int8", 0.9)).config()
-  assert (config.prune_ratio, config.policy.value_format, config.model.remat) == (0.9, "int8",
+  config = Case("demo", 8, Method("razor_sample", 0.9)).config()
+  assert (config.prune_ratio, config.policy.granularity, config.model.remat) == (0.9, "sample",
                                                                                    False)
+  assert Case("demo", 8, RAZOR).config().policy.granularity == "token"
   assert config.optimizer.name == "sgd" and config.optimizer.momentum == 0.9
   assert Case("B/16", 128, parse_method("remat")).config().model.remat
 
@@ -170,13 +171,13 @@ def test_fidelity_accuracy_scope_narrows_the_grid_and_rejects_unknown_names():
   import argparse  # pylint: disable=g-import-not-at-top
   from benchmarks import fidelity  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(optimizers="sgd", steps="500", seeds="0,1",
-                            methods="razor@0.9 token", tasks=None)
+                            methods="razor@0.9 sample", tasks=None)
   assert fidelity._scope(args) == {"optimizers": ("sgd",), "steps": (500,), "seeds": (0, 1),
-                                   "methods": ("razor@0.9 token",)}
+                                   "methods": ("razor@0.9 sample",)}
   assert fidelity._scope(argparse.Namespace(optimizers=None, steps=None, seeds=None,
                                             methods="", tasks=None)) == {"methods": ()}
   # A misspelt method or task fails before any run starts (nothing is written).
-  with pytest.raises(ValueError, match=r"unknown methods or tasks \['razor@0.9 tokens'\]"):
-    fidelity.run_accuracy("/nonexistent", {"methods": ("razor@0.9 tokens",)})
+  with pytest.raises(ValueError, match=r"unknown methods or tasks \['razor@0.9 samples'\]"):
+    fidelity.run_accuracy("/nonexistent", {"methods": ("razor@0.9 samples",)})
   with pytest.raises(ValueError, match=r"unknown methods or tasks \['cifar'\]"):
     fidelity.run_accuracy("/nonexistent", {"tasks": ("cifar",)})

@@ -52,18 +52,19 @@ def test_matches_reference(dtype, ratio, granularity):
 def test_pruning_changes_weight_gradients_only_through_x_hat():
   args = _inputs(jnp.float32)
   exact = jax.grad(_loss(block_ops.layer_norm_dense_multi, None), argnums=3)(*args)
-  pruned = jax.grad(_loss(block_ops.layer_norm_dense_multi, PackSpec(0.9)), argnums=3)(*args)
+  pruned = jax.grad(_loss(block_ops.layer_norm_dense_multi, PackSpec(0.9, "sample")),
+                    argnums=3)(*args)
   assert not np.allclose(exact[1], pruned[1])
   # Bias gradients of the projections never see the residual.
   eb = jax.grad(_loss(block_ops.layer_norm_dense_multi, None), argnums=4)(*args)
-  pb = jax.grad(_loss(block_ops.layer_norm_dense_multi, PackSpec(0.9)), argnums=4)(*args)
+  pb = jax.grad(_loss(block_ops.layer_norm_dense_multi, PackSpec(0.9, "sample")), argnums=4)(*args)
   chex.assert_trees_all_close(eb, pb, rtol=1e-5)
 
 
 def test_one_packed_copy_is_saved():
   x, scale, bias, kernels, biases = _inputs(jnp.float32, (4, 197, 64))
   f = lambda x: block_ops.layer_norm_dense_multi(x, scale, bias, kernels, biases,
-                                                 PackSpec(0.9))
+                                                 PackSpec(0.9, "sample"))
   _, vjp = jax.vjp(f, x)
   nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
   saved = nbytes(vjp) - nbytes((scale, bias, kernels, biases))
@@ -74,10 +75,10 @@ def test_one_packed_copy_is_saved():
 def test_bad_input_raises():
   x, scale, bias, kernels, biases = _inputs(jnp.float32)
   with pytest.raises(ValueError, match="shape \\(16,\\)"):
-    block_ops.layer_norm_dense_multi(x, scale[:8], bias, kernels, biases, PackSpec(0.9))
+    block_ops.layer_norm_dense_multi(x, scale[:8], bias, kernels, biases, PackSpec(0.9, "sample"))
   with pytest.raises(ValueError, match="does not contract"):
     block_ops.layer_norm_dense_multi(x, scale, bias, (kernels[0][:8],), biases[:1],
-                                     PackSpec(0.9))
+                                     PackSpec(0.9, "sample"))
   with pytest.raises(ValueError, match="floating"):
     block_ops.layer_norm_dense_multi(x.astype(jnp.int32), scale, bias, kernels, biases,
-                                     PackSpec(0.9))
+                                     PackSpec(0.9, "sample"))

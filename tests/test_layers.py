@@ -105,7 +105,7 @@ def test_layer_matches_flax(case, dtype):
 def test_layer_gradients_are_back_razor(case):
   """At 0.9 every gradient equals the ops' sort-based reference computation."""
   razor_cls, _, fields, shape, _, _, reference = CASES[case]
-  spec = PackSpec(0.9)
+  spec = PackSpec(0.9, "token")  # the default policy's
   x = _rand(0, shape)
   layer = razor_cls(**fields)
   params = jax.jit(layer.init)(KEY, x)

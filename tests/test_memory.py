@@ -47,7 +47,7 @@ def dense_temp():
 @pytest.mark.slow
 @pytest.mark.parametrize("scan,bound", [(True, 0.35), (False, 0.45)])
 def test_razor_stack_compiles_to_a_fraction_of_dense(dense_temp, scan, bound):
-  razor = _temp_bytes(PackSpec(0.9), "uint8", scan)
+  razor = _temp_bytes(PackSpec(0.9, "sample"), "uint8", scan)
   # The scanned dense stack stacks its residuals (about 2x the unrolled one); compare
   # with the smaller dense figure so the bound is never met by a bloated baseline.
   baseline = min(dense_temp.values())

@@ -81,9 +81,9 @@ def test_train_mode_batch_norm_updates_running_averages(small):
 
 @pytest.mark.parametrize("batch_norm", ["train", "frozen"])
 def test_gpu_policy_traces_every_layer(small, batch_norm):
-  # The GPU's default granularity, token rows: a feature map's row is an image row, so
-  # the 3-channel stem keeps round(0.1 * 16 * 3) = 5 per row (per-pixel rows kept 0 and
-  # raised). Traced only; the ops' values are checked in test_conv_ops.
+  # The default granularity, token rows: a feature map's row is an image row, so the
+  # 3-channel stem keeps round(0.1 * 16 * 3) = 5 per row (per-pixel rows would keep the
+  # floor of one). Traced only; the ops' values are checked in test_conv_ops.
   params, stats, images = small
   model = _tiny(policy=Policy(0.9, granularity="token"), batch_norm=batch_norm)
   loss = lambda p: jnp.sum(model.apply({"params": p, "batch_stats": stats}, images, train=True,

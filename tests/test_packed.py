@@ -202,7 +202,6 @@ def test_auto_position_format_is_the_smaller():
     (dict(prune_ratio=-0.5), r"prune_ratio must be in \[0, 1\)"),
     (dict(prune_ratio="a lot"), r"prune_ratio must be a float in \[0, 1\)"),
     (dict(granularity="row"), r"granularity must be one of \('sample', 'token'\)"),
-    (dict(prune_ratio=0.999), r"keeps round\(.*\) = 0 of the 64 elements"),
     (dict(value_format="int4"), r"value_format must be one of"),
     (dict(position_format="rle"), r"position_format must be one of"),
 ])
@@ -215,3 +214,13 @@ def test_bad_arguments(bad, match):
 def test_non_float_input():
   with pytest.raises(ValueError, match="floating-point array, got dtype int32"):
     packed.pack(jnp.ones((2, 64), jnp.int32), 0.9)
+
+
+def test_every_group_keeps_at_least_its_largest_element():
+  # K = round(0.1 * 4) = 0 would prune a 4-element row entirely: the floor of one keeps
+  # its largest magnitude (the original code's rule keeps one as well).
+  assert [packed.keep_count(n, 0.9) for n in (1, 4, 5, 6, 14, 16, 64)] == [1, 1, 1, 1, 1, 2, 6]
+  assert packed.keep_count(64, 0.999) == 1
+  x = jnp.array([[0.5, -3.0, 1.0, 2.0], [4.0, 0.1, -0.2, 0.3]])
+  np.testing.assert_array_equal(packed.unpack(_pack(x, 0.9, "token")),
+                                [[0.0, -3.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0]])

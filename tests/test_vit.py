@@ -119,9 +119,10 @@ def _packed(model, params, images, labels) -> collections.Counter:
 def test_policy_keeps_attention_exact():
   _, ref_params = reference_params()
   params, images, labels = stack_blocks(ref_params, 2), make_images(), jnp.array([1, 2, 3])
-  full = _packed(vit.ViT(10, prune_ratio=0.9, **TINY), params, images, labels)
-  kept = _packed(vit.ViT(10, policy=Policy.make(0.9, attention=0.0), **TINY), params, images,
+  full = _packed(vit.ViT(10, policy=Policy(0.9, granularity="sample"), **TINY), params, images,
                  labels)
+  kept = _packed(vit.ViT(10, policy=Policy.make(0.9, attention=0.0, granularity="sample"),
+                         **TINY), params, images, labels)
   # 3 images of 4x4 patches and a cls token; 4 heads of width 8. (Counts are per trace
   # of the block, which the scan's custom VJP may trace more than once.)
   probabilities, heads = ((3, 4, 17, 17), "sample"), ((3, 17, 4, 8), "sample")
@@ -150,7 +151,7 @@ def test_dropout_is_active_in_training_only():
 
 
 @pytest.mark.slow
-def test_token_granularity_prunes_each_token():
+def test_token_granularity_prunes_each_token_and_is_the_default():
   _, ref_params = reference_params()
   params, images, labels = stack_blocks(ref_params, 2), make_images(), jnp.array([1, 2, 3])
   policy = Policy(0.9, granularity="token")
@@ -163,7 +164,9 @@ def test_token_granularity_prunes_each_token():
   kernel = lambda g: g["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
   g_token = grad(token, params)
   assert not np.allclose(kernel(g_token), kernel(grad(exact, params)))
-  assert not np.allclose(kernel(g_token), kernel(grad(vit.ViT(10, **TINY), params)))
+  chex.assert_trees_all_equal(g_token, grad(vit.ViT(10, **TINY), params))  # the default
+  sample = vit.ViT(10, policy=Policy(0.9, granularity="sample"), **TINY)
+  assert not np.allclose(kernel(g_token), kernel(grad(sample, params)))
   # The unrolled blocks run the same ops.
   unrolled = grad(vit.ViT(10, policy=policy, scan=False, **TINY), ref_params)
   chex.assert_trees_all_close(g_token, stack_blocks(unrolled, 2), atol=1e-5, rtol=1e-4)

@@ -14,6 +14,9 @@ lowered, so an XLA:GPU compile from a CPU process gets the GPU form):
     CPU forms use a conditional or a select on `never_true`, a predicate that is
     always false but that no XLA pass folds.
 
+Across processes the CPU forms are not used (`straight_line`): their conditionals held
+cross-process collectives, and two processes of a CPU run hung in different ones.
+
 `lax.platform_dependent` traces every branch, and the barriers nest (a packed residual
 is materialized from codecs that materialize their own parts), so choosing the form at
 each level traced the inner levels again for every level above (2 * depth + 1 traces of
@@ -43,10 +46,28 @@ def _branch(name):
     _TRACING.branch = outer
 
 
+def straight_line() -> bool:
+  """Whether the razor ops must avoid data-dependent control flow: in a multi-process run.
+
+  A conditional's predicate and branches in an SPMD program over several processes
+  carry collectives (the partitioner gathers the predicate's element, reduces counts
+  over sharded rows). Two processes of a CPU run (2 cores, under load) were found
+  waiting in different collectives inside different conditionals, each for the other,
+  forever. The GPU forms (barriers, a sort) have no control flow; a multi-process run
+  takes them on every backend, at the cost of XLA:CPU's saving (its barriers are
+  expanded before fusion, see the module docstring).
+  """
+  return jax.process_count() > 1
+
+
 def _per_platform(args, cpu, gpu):
   """cpu(*args) on XLA:CPU, gpu(*args) elsewhere, decided when the program is lowered;
-  inside a branch of an enclosing call, that branch's form alone is traced."""
+  inside a branch of an enclosing call, that branch's form alone is traced; in a
+  multi-process run, the GPU form everywhere (`straight_line`)."""
   branch = getattr(_TRACING, "branch", None)
+  if branch is None and straight_line():
+    with _branch("gpu"):
+      return gpu(*args)
   if branch is not None:
     return (cpu if branch == "cpu" else gpu)(*args)
 

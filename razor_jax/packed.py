@@ -345,6 +345,11 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
     raise ValueError(f"pack expects a floating-point array, got dtype {x.dtype}")
   if check_granularity(granularity) == "token":
     return _pack_rows(x, prune_ratio, row_ndim, value_format, position_format)
+  if barriers.straight_line():
+    raise ValueError(
+        "granularity='sample' selects with data-dependent loops and conditionals, which"
+        " can hang a run of several processes (see barriers.straight_line); use"
+        " granularity='token' (the default) there")
   groups, n = group_shape(x.shape, granularity)
   k = keep_count(n, prune_ratio, keep_rule)
   if position_format not in POSITION_FORMATS:

@@ -84,3 +84,20 @@ def test_nested_barriers_take_their_branch_form_and_trace_linearly():
   cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
   assert cuda.count("optimization_barrier") >= 8  # 4 materialize + 4 depend
   assert "optimization_barrier" not in cpu and "popcnt" in cpu
+
+
+def test_several_processes_take_the_straight_line_forms(monkeypatch):
+  from razor_jax import ops, packed  # pylint: disable=g-import-not-at-top
+  x, w = jnp.ones((4, 64)), jnp.ones((64, 8))
+  # A new function each time: jax caches traces by function.
+  grad = lambda: lambda x, w: jax.grad(
+      lambda w: jnp.sum(ops.dense(x, w, None, ops.PackSpec(0.9))))(w)
+  control_flow = ("stablehlo.case", "stablehlo.if", "stablehlo.while")
+  one = jax.jit(grad()).lower(x, w).as_text()
+  assert any(op in one for op in control_flow)  # the CPU forms: conditionals and loops
+  # Two processes hung in different conditionals' collectives: none across processes.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  two = jax.jit(grad()).lower(x, w).as_text()
+  assert not any(op in two for op in control_flow), [op for op in control_flow if op in two]
+  with pytest.raises(ValueError, match="granularity='sample' .* can hang a run of several"):
+    packed.pack(x, 0.9, "sample")

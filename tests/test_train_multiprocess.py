@@ -88,7 +88,19 @@ def _launch(ctx, workdir, extra=(), grace=60, heartbeat_s=HEARTBEAT_S):
        str(grace), "--", sys.executable, FINETUNE] + ctx["flags"] + list(extra)
       + ["--workdir", workdir],
       env=_env(ctx["cache"], heartbeat_s=heartbeat_s), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _communicate(proc) -> str:
+  """proc's output once it ends; past TIMEOUT_S its whole process group (the launcher and
+  its children) is killed and the test fails with the output, rather than leaving a
+  hung run behind."""
+  try:
+    return proc.communicate(timeout=TIMEOUT_S)[0]
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0]
+    raise AssertionError(f"still running after {TIMEOUT_S} s, killed:\n{out[-3000:]}") from None
 
 
 def _wait_for(proc, pattern, lines, timeout=TIMEOUT_S):
@@ -131,7 +143,7 @@ def runs(tmp_path_factory):
   pids = _wait_for(proc, r"launched 2 processes \(pids (\d+) (\d+)\)", lines).groups()
   _wait_for(proc, r"2 processes joined: 2 devices, 1 in each", lines)
   os.kill(int(pids[1]), signal.SIGTERM)  # one process only
-  rest, _ = proc.communicate(timeout=TIMEOUT_S)
+  rest = _communicate(proc)
   sigterm = {"code": proc.returncode, "out": "".join(lines) + rest}
   times["sigterm"] = time.monotonic() - start
 
@@ -148,7 +160,7 @@ def runs(tmp_path_factory):
       shutil.rmtree(root / "two" / "checkpoints" / str(step))
   start = time.monotonic()
   proc = _launch(ctx, str(root / "two"))
-  two_out, _ = proc.communicate(timeout=TIMEOUT_S)
+  two_out = _communicate(proc)
   assert proc.returncode == 0, two_out
   times["two"] = time.monotonic() - start
   print(f"multi-process runs, seconds: {times}")
@@ -227,7 +239,7 @@ def test_sigkill_of_one_process_ends_the_other_with_an_error(runs, tmp_path):
   _wait_for(proc, r"2 processes joined", lines)
   killed = time.monotonic()
   os.kill(int(pids[1]), signal.SIGKILL)
-  rest, _ = proc.communicate(timeout=TIMEOUT_S)
+  rest = _communicate(proc)
   elapsed = time.monotonic() - killed
   out = "".join(lines) + rest
   assert proc.returncode != 0, out
@@ -246,7 +258,7 @@ def _free_port():
 def _finetune(ctx, workdir, env, extra=()):
   return subprocess.Popen([sys.executable, FINETUNE] + ctx["flags"] + list(extra)
                           + ["--workdir", workdir], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def test_distributed_errors_name_the_problem(tmp_path):
@@ -255,7 +267,7 @@ def test_distributed_errors_name_the_problem(tmp_path):
   proc = _finetune(ctx, str(tmp_path / "a"), _env(
       ctx["cache"], devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1", RAZOR_INIT_TIMEOUT_S="3"))
-  out, _ = proc.communicate(timeout=TIMEOUT_S)
+  out = _communicate(proc)
   assert proc.returncode == 1 and "could not reach the coordinator" in out, out
   assert "Traceback" not in out
 
@@ -265,13 +277,13 @@ def test_distributed_errors_name_the_problem(tmp_path):
       ctx["cache"], devices=1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=num,
       JAX_PROCESS_ID=pid, RAZOR_INIT_TIMEOUT_S="20")) for pid, num in (("0", "2"), ("1", "3"))]
   for proc in procs:
-    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    out = _communicate(proc)
     assert proc.returncode == 1, out
     assert "different JAX_NUM_PROCESSES (process 0: 2, process 1: 3" in out, out
 
   # A global batch that does not split over the 2 devices of both processes.
   proc = _launch(ctx, str(tmp_path / "c"), extra=["--config.batch_size=5"])
-  out, _ = proc.communicate(timeout=TIMEOUT_S)
+  out = _communicate(proc)
   assert proc.returncode == 1, out
   assert "batch_size must be divisible by the number of devices (2, over all 2 processes" in out
   assert "Traceback" not in out

@@ -152,7 +152,7 @@ def test_grouped_and_depthwise_conv(groups, stride, ratio):
   _close(_vjp(op, (x, kernel), cot), _vjp(ref, (x, kernel), cot))
 
 
-# ----------------------------------------------------------------- token rows (the GPU default)
+# ----------------------------------------------------------------- token rows (the default)
 
 @pytest.mark.parametrize("estimator", ["none", "energy"])
 def test_conv_token_rows_are_image_rows(estimator):

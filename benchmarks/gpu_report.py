@@ -103,8 +103,8 @@ def side_by_side(records: Sequence[Record]) -> list[str]:
                      "× remat", "× full", "bits / element", "CPU compiled (GiB)",
                      "CPU × remat"], rows)
   lines += ["The CPU column is XLA:CPU's compiled peak of the same step (float32 only; on"
-            " CPU, Back Razor runs with granularity \"sample\" and batch slices of 32)."
-            " Bits per element on the GPU: token rows (Elias-Fano positions, 4-bit values).",
+            " CPU, Back Razor runs its token rows in batch slices of 32). Bits per element:"
+            " token rows (Elias-Fano positions, 4-bit values) on both.",
             ""]
   return lines
 
@@ -167,15 +167,18 @@ def assumptions(constants: gpu_time.Constants = gpu_time.H200) -> list[str]:
       " orders the keys, one pass gathers the kept values and writes the packed row"
       " (Elias-Fano positions, 4-bit values), and a sort of the K kept positions puts them"
       " in order: 16 sort ops in the scanned block (8 packed activations, 2 sorts each;"
-      " executed once per block), no data-dependent loop and no conditional. On CPU"
-      " (sample groups) a strided sample brackets the threshold, one counting pass marks"
+      " executed once per block), no data-dependent loop and no conditional. On CPU the"
+      " same rows are found by a 15-pass bit search per row (one compare-and-count pass"
+      " per bit of the bfloat16 magnitude). With per-sample groups (`granularity="
+      "\"sample\"`) a strided sample brackets the threshold, one counting pass marks"
       " the candidates, the exact search runs over the candidates (about 2% of the"
       " group), and a whole-group search of 15-31 passes runs only when the bracket"
       " misses.",
       "",
       "Compiled from this CPU-only machine, the process's backend is \"cpu\", so the GPU"
-      " targets set what resolves by backend to the GPU's choice: granularity \"token\" and"
-      " batch_chunk 0 (each record's `settings`).",
+      " targets set what resolves by backend to the GPU's choice: batch_chunk 0 (each"
+      " record's `settings`; records made before token rows were the default everywhere"
+      " also name granularity \"token\").",
       ""]
 
 

@@ -13,10 +13,11 @@ process, so the parameters are split across the processes. Four runs, shared by 
            params and evaluation as `one`
 
 A compilation cache shared by the runs keeps each topology's compile to one. One device per
-process: with two CPU devices in each, a step of the resumed two-process run (`two`) hung
-now and then on the 2-core CI machine under load (both processes waiting for the step,
-no gloo timeout), while the same run with one device each did not; in-process devices
-are covered by the single-process multi-device tests (test_train_loop).
+process keeps the runs short on 2 cores; in-process devices are covered by the
+single-process multi-device tests (test_train_loop). These runs once hung now and then
+(both processes waiting inside the razor ops' CPU conditionals, each in a collective the
+other had not reached); multi-process runs now take the ops' straight-line forms
+(`barriers.straight_line`).
 """
 import json
 import os

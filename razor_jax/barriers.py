@@ -21,7 +21,7 @@ cross-process collectives, and two processes of a CPU run hung in different ones
 is materialized from codecs that materialize their own parts), so choosing the form at
 each level traced the inner levels again for every level above (2 * depth + 1 traces of
 the innermost code; half of the demo ViT's tracing time). Inside a branch the platform
-is known, so the barriers there take that branch's form directly (`_per_platform`).
+is known, so the barriers there take that branch's form directly (`per_platform`).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def straight_line() -> bool:
   return jax.process_count() > 1
 
 
-def _per_platform(args, cpu, gpu):
+def per_platform(args, cpu, gpu):
   """cpu(*args) on XLA:CPU, gpu(*args) elsewhere, decided when the program is lowered;
   inside a branch of an enclosing call, that branch's form alone is traced; in a
   multi-process run, the GPU form everywhere (`straight_line`)."""
@@ -121,7 +121,7 @@ def depend(x, *anchors):
   def on_gpu(x, leaves):
     return lax.optimization_barrier((x, leaves))[0]
 
-  return _per_platform((x, leaves), on_cpu, on_gpu)
+  return per_platform((x, leaves), on_cpu, on_gpu)
 
 
 def together(tree):
@@ -137,7 +137,7 @@ def together(tree):
   """
   if not jax.tree.leaves(tree):
     return tree
-  return _per_platform((tree,), lambda t: t, lax.optimization_barrier)
+  return per_platform((tree,), lambda t: t, lax.optimization_barrier)
 
 
 def materialize(fn, *args):
@@ -156,7 +156,7 @@ def materialize(fn, *args):
   def on_gpu(*args):
     return lax.optimization_barrier(fn(*args))
 
-  return _per_platform(args, on_cpu, on_gpu)
+  return per_platform(args, on_cpu, on_gpu)
 
 
 def zeros_after(shape, dtype, anchor: jax.Array) -> jax.Array:

@@ -320,11 +320,9 @@ def topk_rows(x: jax.Array, k: int) -> jax.Array:
   Ties keep the lower positions. The sort on accelerators and the search on CPU give
   the same set (chosen when the program is lowered).
   """
-  if barriers.straight_line():  # no data-dependent control flow across processes
-    pos = _topk_rows_sort(x, k)
-  else:
-    pos = lax.platform_dependent(x, cpu=lambda a: _topk_rows_search(a, k),
-                                 default=lambda a: _topk_rows_sort(a, k))
+  # The sort on accelerators and across processes (`barriers.straight_line`).
+  pos = barriers.per_platform((x,), lambda a: _topk_rows_search(a, k),
+                              lambda a: _topk_rows_sort(a, k))
   # Increasing: the search gives bitmask order, the sort magnitude order.
   return lax.sort(pos, dimension=1, is_stable=False)  # distinct positions
 

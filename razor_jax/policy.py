@@ -41,7 +41,8 @@ class Policy:
         search on CPU. The default on every backend, chosen by measurement (README,
         "Weight gradients that keep their length"): closer to full fine-tuning in most
         transfer cells measured, less XLA:CPU memory than "sample", the same gradients
-        on CPU and GPU; its XLA:CPU step costs about 1.25x the sample groups' one.
+        on CPU and GPU; its XLA:CPU step costs 1.2-2.3x the sample groups' one
+        (small ViTs; README, "Measurements").
       "sample": each batch sample, by exact magnitude (the paper's rule); a
         sampled-bracket search tuned for XLA:CPU, which on GPU costs data-dependent
         loops and conditionals.

@@ -54,10 +54,11 @@ TIMEOUT_S = 600
 RESUME_AT = 4  # `two` starts from `one`'s checkpoint of this step
 
 
-# Runs that must finish keep the trainer's heartbeat timeout (60 s): on a loaded 2-core CI
-# machine a 10 s one declared two healthy, busy processes dead. Only the SIGKILL test, which
-# waits for the survivor to notice a dead peer, shortens it (a false alarm there ends the
-# run with the same error the test expects).
+# Runs that must finish keep the trainer's heartbeat timeout (60 s), so a slow heartbeat on
+# a loaded 2-core machine cannot end them (the CI failure first blamed on a 10 s timeout
+# was the hang `barriers.straight_line` removes). Only the SIGKILL test, which waits for
+# the survivor to notice a dead peer, shortens it (a false alarm there ends the run with
+# the same error the test expects).
 HEARTBEAT_S, SIGKILL_HEARTBEAT_S = 60, 10
 
 

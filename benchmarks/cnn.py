@@ -41,7 +41,8 @@ from razor_jax import memory
 from razor_jax.models import mobilenet
 from razor_jax.policy import Policy
 
-BASE_METHODS = ("full", "full_bnfixed", "actnn", "actnn_bnfixed", "tinytl_b", "tinytl_lb")
+BASE_METHODS = ("full", "full_bnfixed", "full_bnfrozen", "actnn", "actnn_bnfixed", "tinytl_b",
+                "tinytl_lb")
 # Back Razor's variants: name -> Policy fields. Plain "razor" is the default policy: image
 # rows (`ops.map_row_ndim`), 4-bit log values, Elias-Fano positions, on every backend.
 RAZOR_VARIANTS = {
@@ -57,6 +58,9 @@ RAZOR_VARIANTS = {
 # trained in batch-statistics mode as `full` trains it, its input pruned like a conv's
 # (`conv_ops.batch_norm_train`); beyond the original, which fixes BatchNorm.
 BN_TRAIN_SUFFIX = "_bn"
+# A variant name + "_bnfrozen": BatchNorm on its running statistics with its scale and bias
+# trained (mobilenet's batch_norm="frozen"; the scale's gradient reads the pruned input).
+BN_FROZEN_SUFFIX = "_bnfrozen"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +73,20 @@ class CnnCase:
 
   def model_kwargs(self) -> dict:
     name, _, ratio = self.method.partition("@")
-    bn_train = name.endswith(BN_TRAIN_SUFFIX)
-    variant = name[:-len(BN_TRAIN_SUFFIX)] if bn_train else name
+    variant, batch_norm = name, "fixed"
+    for suffix, mode in ((BN_FROZEN_SUFFIX, "frozen"), (BN_TRAIN_SUFFIX, "train")):
+      if name.endswith(suffix):
+        variant, batch_norm = name[:-len(suffix)], mode
+        break
     if variant in RAZOR_VARIANTS and ratio:
       return dict(policy=Policy(float(ratio), **RAZOR_VARIANTS[variant]),
-                  batch_norm="train" if bn_train else "fixed")
+                  batch_norm=batch_norm)
     if name == "full":
       return dict(prune_ratio=0.0, batch_norm="train")
     if name == "full_bnfixed":  # razor's control: exact gradients, BatchNorm fixed
       return dict(prune_ratio=0.0, batch_norm="fixed")
+    if name == "full_bnfrozen":  # razor_bnfrozen's control
+      return dict(prune_ratio=0.0, batch_norm="frozen")
     if name == "actnn":
       return dict(compression="actnn", batch_norm="train")
     if name == "actnn_bnfixed":  # at batch 1, where batch statistics are degenerate
@@ -88,7 +97,8 @@ class CnnCase:
       return dict(finetune="lite_residual+biases")
     raise ValueError(f"unknown CNN method {self.method!r}; expected one of"
                      f" {', '.join(v + '@R' for v in RAZOR_VARIANTS)} (R the prune ratio;"
-                     f" {BN_TRAIN_SUFFIX!r} after the name trains BatchNorm) or"
+                     f" {BN_TRAIN_SUFFIX!r} after the name trains BatchNorm,"
+                     f" {BN_FROZEN_SUFFIX!r} trains its scale and bias on running statistics) or"
                      f" one of {BASE_METHODS}")
 
   def model(self) -> mobilenet.CNN:

@@ -44,6 +44,10 @@ def test_unknown_method_is_named():
     cnn.CnnCase("tiny", "razr_bn@0.9").model()
   kwargs = cnn.CnnCase("tiny", "razor_bn@0.9").model_kwargs()
   assert kwargs["batch_norm"] == "train" and kwargs["policy"].prune_ratio == 0.9
+  kwargs = cnn.CnnCase("tiny", "razor_bnfrozen@0.8").model_kwargs()
+  assert kwargs["batch_norm"] == "frozen" and kwargs["policy"].prune_ratio == 0.8
+  assert cnn.CnnCase("tiny", "razor@0.9").model_kwargs()["batch_norm"] == "fixed"
+  assert cnn.CnnCase("tiny", "full_bnfrozen").model_kwargs()["batch_norm"] == "frozen"
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import chex
@@ -105,16 +106,32 @@ def _communicate(proc) -> str:
     raise AssertionError(f"still running after {TIMEOUT_S} s, killed:\n{out[-3000:]}") from None
 
 
+def _kill_group(proc) -> None:
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:  # already gone
+    pass
+
+
 def _wait_for(proc, pattern, lines, timeout=TIMEOUT_S):
-  """Reads proc's output into `lines` until a line matches `pattern`; returns the match."""
-  deadline = time.monotonic() + timeout
-  for line in proc.stdout:
-    lines.append(line)
-    match = re.search(pattern, line)
-    if match:
-      return match
-    assert time.monotonic() < deadline, "".join(lines)
-  raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(lines))
+  """Reads proc's output into `lines` until a line matches `pattern`; returns the match.
+
+  A run that stops printing cannot block the read: past `timeout` a timer kills its
+  process group, which ends the output, and the test fails with what it printed.
+  """
+  timer = threading.Timer(timeout, _kill_group, (proc,))
+  timer.start()
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      match = re.search(pattern, line)
+      if match:
+        return match
+  finally:
+    timer.cancel()
+  _kill_group(proc)
+  raise AssertionError(f"no line matched {pattern!r} (killed after {timeout} s if still"
+                       " running):\n" + "".join(lines))
 
 
 def _losses(workdir, after=0):

@@ -39,10 +39,9 @@ class PackSpec:
   value_format: str = "auto"
   position_format: str = "auto"
   keep_rule: str = "exact_k"   # packed.KEEP_RULES
-  # "none": gradients from the pruned copies as they are (the paper); "energy": the copy
-  # scaled per group by s = |a|^2 / |a_kept|^2 for the weight gradients only (one
-  # float32 per group stored), so their length is not shrunk by the pruning, and pruned
-  # attention probabilities renormalized per row (`renormalized_rows`).
+  # "none": weight gradients from the pruned copy as it is (the paper); "energy": that
+  # copy scaled per group by s = |a|^2 / |a_kept|^2 for the weight gradients only (one
+  # float32 per group stored), so their length is not shrunk by the pruning.
   estimator: str = "none"
 
   def __post_init__(self):
@@ -367,20 +366,9 @@ def _softmax_pv_fwd(logits, v, spec, precision, softmax_in_float32):
   return barriers.depend(_pv_plain(p, v, precision), res[:2]), res
 
 
-def renormalized_rows(p_pruned):
-  """Pruned probability rows rescaled to sum to 1 (rows with nothing kept left as they
-  are), float32: the "energy" estimator's correction for attention, which needs nothing
-  stored because every softmax row sums to 1."""
-  p32 = p_pruned.astype(jnp.float32)
-  kept = jnp.sum(p32, axis=-1, keepdims=True)
-  return jnp.where(kept > 0, p32 / jnp.where(kept > 0, kept, 1.0), p32)
-
-
 def _softmax_pv_bwd(spec, precision, softmax_in_float32, res, g):
   p_pruned = packed.unpack(res[0], after=g)
   v_pruned = packed.unpack(res[1], after=g)
-  if spec.estimator == "energy":
-    p_pruned = renormalized_rows(p_pruned).astype(p_pruned.dtype)
   _, vjp = jax.vjp(lambda a, b: _pv_plain(a, b, precision), p_pruned, v_pruned)
   dp, dv = vjp(g)
   # Softmax backward with the pruned probabilities in place of the exact ones.
@@ -409,10 +397,6 @@ def softmax_attend_reference(logits, v, spec: Optional[PackSpec], precision=None
   if is_exact(spec):
     return exact
   p_pruned = lax.stop_gradient(spec.prune_reference(p)).astype(jnp.float32)
-  if spec.estimator == "energy":  # rows rescaled to sum to 1, written apart
-    total = jnp.sum(p_pruned, axis=-1, keepdims=True)
-    p_pruned = jnp.where(total > 0, p_pruned / jnp.maximum(total, 1e-38), p_pruned)
-    p_pruned = p_pruned.astype(p.dtype).astype(jnp.float32)
   # A map that is linear in the logits with Jacobian diag(p~) - p~ p~^T (symmetric), the
   # softmax Jacobian at the pruned probabilities.
   l32 = logits.astype(jnp.float32)

@@ -73,11 +73,9 @@ class Policy:
       (with the rest of `Policy.paper`); README, "The original code's semantics".
     value_formats: per-op-type value formats overriding `value_format`, as
       ((op_type, format), ...) (the paper preset keeps LayerNorm inputs in float32).
-    estimator: "none" (gradients from the pruned copies as they are, the paper's rule) or
-      "energy": restores the length pruning removes, where it is known. Weight gradients
-      see each group's copy scaled by |a|^2 / |a_kept|^2 (one float32 per group more),
-      and softmax(.)V's backward reads each pruned probability row rescaled to sum to 1
-      (nothing stored: every row sums to 1). See `ops.PackSpec`.
+    estimator: "none" (weight gradients from the pruned copy, the paper's rule) or
+      "energy" (that copy scaled per group by |a|^2 / |a_kept|^2 for weight gradients
+      only; one float32 per group more). See `ops.PackSpec`.
   """
   prune_ratio: float = DEFAULT_PRUNE_RATIO
   granularity: str = "token"

@@ -88,25 +88,6 @@ def test_softmax_attend_matches_its_reference(name):
   _assert_close(grad(ops.softmax_attend), grad(ops.softmax_attend_reference))
 
 
-def test_energy_renormalizes_attention_rows():
-  """Under "energy", softmax(.)V's backward reads each pruned probability row rescaled to
-  sum to 1 (nothing stored for it); without it, the rows keep only part of their mass."""
-  k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
-  logits = jax.random.normal(k1, (2, 3, 20, 20))
-  v = jax.random.normal(k2, (2, 20, 3, 4))
-  g = jax.random.normal(k3, (2, 20, 3, 4))
-  plain, energy = PackSpec(0.9, "token"), PackSpec(0.9, "token", estimator="energy")
-  dv = {s: jax.vjp(lambda a, b: ops.softmax_attend(a, b, s), logits, v)[1](g)[1]
-        for s in (plain, energy)}
-  p_pruned = plain.prune_reference(jax.nn.softmax(logits)).astype(jnp.float32)
-  mass = jnp.sum(p_pruned, axis=-1, keepdims=True)
-  assert float(mass.max()) < 0.9  # 2 of 20 kept: most of each row's mass is pruned
-  want = jnp.einsum("bhqk,bqhd->bkhd", p_pruned / mass, g)
-  np.testing.assert_allclose(dv[energy], want, rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(dv[plain], jnp.einsum("bhqk,bqhd->bkhd", p_pruned, g),
-                             rtol=2e-5, atol=2e-5)
-
-
 def test_gelu_float16_input_matches_its_reference():
   x = jax.random.normal(jax.random.key(2), (4, 33)) * 3
   grad = lambda fn: jax.grad(lambda a: jnp.sum(jnp.sin(fn(a, True, "float16"))))(x)

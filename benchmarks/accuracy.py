@@ -35,6 +35,9 @@ FIDELITY_METHODS = {
                                 "policy": {"granularity": "sample", "estimator": "energy"}},
     "paper@0.9 energy": {"prune_ratio": 0.9, "policy": {"preset": "paper",
                                                          "estimator": "energy"}},
+    # Attention's copies (q, k, v, probabilities) kept at half: softmax(.)V's pruned copies
+    # shorten the backbone's gradient most (README, "Weight gradients that keep their length").
+    "razor@0.9 attention 0.5": {"prune_ratio": 0.9, "policy": {"attention": 0.5}},
 }
 SEEDS = (0, 1, 2)
 # Peak learning rates: the demo's for SGD (momentum 0.9); Adam's usual fine-tuning scale.

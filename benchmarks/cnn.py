@@ -53,6 +53,8 @@ RAZOR_VARIANTS = {
     "razor_sample_ef": dict(granularity="sample", position_format="elias_fano"),
     "razor_energy": dict(estimator="energy"),  # the SGD estimator option (Policy)
     "razor_sample_energy": dict(granularity="sample", estimator="energy"),
+    # BatchNorm inputs (the policy's "layer_norm" entry) kept at half; with "_bn" only.
+    "razor_halfnorm": dict(ratios=(("layer_norm", 0.5),)),
 }
 # A variant name + "_bn" (razor_bn@0.9, razor_sample_bn@0.9): the same policy with BatchNorm
 # trained in batch-statistics mode as `full` trains it, its input pruned like a conv's

@@ -94,6 +94,13 @@ def _launch(ctx, workdir, extra=(), grace=60, heartbeat_s=HEARTBEAT_S):
       stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _kill_group(proc) -> None:
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:  # already gone
+    pass
+
+
 def _communicate(proc) -> str:
   """proc's output once it ends; past TIMEOUT_S its whole process group (the launcher and
   its children) is killed and the test fails with the output, rather than leaving a
@@ -101,16 +108,9 @@ def _communicate(proc) -> str:
   try:
     return proc.communicate(timeout=TIMEOUT_S)[0]
   except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_group(proc)
     out = proc.communicate()[0]
     raise AssertionError(f"still running after {TIMEOUT_S} s, killed:\n{out[-3000:]}") from None
-
-
-def _kill_group(proc) -> None:
-  try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except ProcessLookupError:  # already gone
-    pass
 
 
 def _wait_for(proc, pattern, lines, timeout=TIMEOUT_S):

@@ -181,3 +181,62 @@ def test_fidelity_accuracy_scope_narrows_the_grid_and_rejects_unknown_names():
     fidelity.run_accuracy("/nonexistent", {"methods": ("razor@0.9 samples",)})
   with pytest.raises(ValueError, match=r"unknown methods or tasks \['cifar'\]"):
     fidelity.run_accuracy("/nonexistent", {"tasks": ("cifar",)})
+
+
+def test_fidelity_methods_are_the_accuracy_methods():
+  """benchmarks.fidelity names the accuracy methods it runs without importing the trainer;
+  the two lists must not drift apart."""
+  from benchmarks import fidelity  # pylint: disable=g-import-not-at-top
+  assert set(fidelity.ACCURACY_METHODS) <= set(accuracy.FIDELITY_METHODS)
+  assert "razor@0.9 attention 0.8" in fidelity.ACCURACY_METHODS
+
+
+def test_attention_copy_ratios_change_the_gradient_and_are_restored():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import attention_ablation  # pylint: disable=g-import-not-at-top
+  from razor_jax import ops  # pylint: disable=g-import-not-at-top
+  from razor_jax.ops import PackSpec  # pylint: disable=g-import-not-at-top
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 2, 8)) for i in range(3))
+  spec = PackSpec(0.9, value_format="float32")  # kept values exact: only pruning differs
+
+  def grads():
+    def loss(q, k, v):
+      logits = ops.attention_logits(q, k, spec)
+      return jnp.sum(ops.softmax_attend(logits, v, spec) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)  # traced anew each call
+
+  def exact():
+    def loss(q, k, v):
+      p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k))
+      return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", p, v) ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  default = grads()
+  with attention_ablation.copy_ratios(0.0, 0.0, 0.0, 0.0):
+    all_kept = grads()
+  with attention_ablation.copy_ratios(0.9, 0.9, 0.0, 0.9):
+    p_kept = grads()
+  after = grads()
+  # Every copy kept: the exact gradients. P alone kept: v's gradient (P^T g) is exact,
+  # q's (through the pruned k and v) is neither the default's nor the exact one.
+  for got, want in zip(all_kept, exact()):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(p_kept[2], exact()[2], rtol=1e-4, atol=1e-5)
+  assert not np.allclose(default[2], exact()[2])
+  assert not np.allclose(p_kept[0], default[0]) and not np.allclose(p_kept[0], exact()[0])
+  for got, want in zip(after, default):  # the library's rules are back
+    np.testing.assert_array_equal(got, want)
+
+
+def test_policy_memory_parses_fields_and_names_the_known_ones():
+  from benchmarks import policy_memory  # pylint: disable=g-import-not-at-top
+  assert policy_memory.parse_fields("attention=0.8, estimator=energy") == {
+      "attention": 0.8, "estimator": "energy"}
+  assert policy_memory.parse_fields("") == {}
+  with pytest.raises(ValueError, match="field=value"):
+    policy_memory.parse_fields("attention")
+  case = Case("B/16", 32, Method("razor", 0.9))
+  config = policy_memory.policy_config(case, {"attention": 0.8}, gpu=False)
+  assert config.policy.attention == 0.8 and config.prune_ratio == 0.9
+  with pytest.raises(ValueError, match="no field 'atention'.*'attention'"):
+    policy_memory.policy_config(case, {"atention": 0.8}, gpu=False)

@@ -1,0 +1,100 @@
+"""Which of attention's pruned copies lose the gradient: q, k, the probabilities or v.
+
+A policy sets one ratio for all four copies that attention saves (q and k for QK^T, the
+probabilities P and v for softmax(.)V). This measures them one at a time: on the demo
+ViT and real digit batches (benchmarks.fidelity's comparison), the default policy with
+one or more copies pruned at another ratio, against exact gradients.
+
+  python -m benchmarks.attention_ablation [--batches 2]
+
+prints a markdown table (backbone cosine and norm ratio, mean cosine per parameter).
+The per-copy ratios are set by re-registering the two attention ops' forward rules for
+the duration of a measurement (`copy_ratios`); the library has no such option.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+
+from razor_jax import barriers, ops
+
+# label -> prune ratios of (q, k, P, v); the default prunes all four at 0.9.
+CASES = {
+    "default (all four at 0.9)": (0.9, 0.9, 0.9, 0.9),
+    "q and k at 0.5": (0.5, 0.5, 0.9, 0.9),
+    "P at 0.5": (0.9, 0.9, 0.5, 0.9),
+    "v at 0.5": (0.9, 0.9, 0.9, 0.5),
+    "P exact": (0.9, 0.9, 0.0, 0.9),
+    "v exact": (0.9, 0.9, 0.9, 0.0),
+    "all four at 0.5 (attention=0.5)": (0.5, 0.5, 0.5, 0.5),
+}
+
+
+@contextlib.contextmanager
+def copy_ratios(q: float, k: float, p: float, v: float):
+  """Within the block, attention packs q, k, P and v at these ratios (the policy's
+  other fields as they are); the library's forward rules are restored after."""
+
+  def qk_fwd(q_, k_, spec, precision):
+    res = (dataclasses.replace(spec, prune_ratio=q).pack(q_, 2),
+           dataclasses.replace(spec, prune_ratio=k).pack(k_, 2))
+    return barriers.depend(ops._qk_plain(q_, k_, precision), res), res  # pylint: disable=protected-access
+
+  def pv_fwd(logits, v_, spec, precision, softmax_in_float32):
+    probs = ops._softmax(logits, v_.dtype, softmax_in_float32)  # pylint: disable=protected-access
+    res = (dataclasses.replace(spec, prune_ratio=p).pack(probs),
+           dataclasses.replace(spec, prune_ratio=v).pack(v_, 2),
+           jnp.zeros((0,), logits.dtype))
+    return barriers.depend(ops._pv_plain(probs, v_, precision), res[:2]), res  # pylint: disable=protected-access
+
+  # pylint: disable=protected-access
+  ops._qk.defvjp(qk_fwd, ops._qk_bwd)
+  ops._softmax_pv.defvjp(pv_fwd, ops._softmax_pv_bwd)
+  try:
+    yield
+  finally:
+    ops._qk.defvjp(ops._qk_fwd, ops._qk_bwd)
+    ops._softmax_pv.defvjp(ops._softmax_pv_fwd, ops._softmax_pv_bwd)
+
+
+def measure(batches: int = 2, say=print) -> dict:
+  """label -> benchmarks.fidelity.compare's figures averaged over `batches` batches."""
+  from benchmarks import fidelity  # pylint: disable=g-import-not-at-top
+  from razor_jax import Policy  # pylint: disable=g-import-not-at-top
+  out = {}
+  for label, ratios in CASES.items():
+    saved = fidelity.POLICIES
+    fidelity.POLICIES = {label: Policy(0.9)}
+    try:
+      with copy_ratios(*ratios):
+        out[label] = fidelity.fidelity(batches=batches, say=lambda _: None)[label]
+    finally:
+      fidelity.POLICIES = saved
+    say(f"{label}: {out[label]}")
+  return out
+
+
+def markdown(results: dict) -> list[str]:
+  lines = ["| attention's copies (q, k, P, v) | backbone cosine | backbone norm ratio |"
+           " mean cosine per parameter |", "|---|---|---|---|"]
+  for label, r in results.items():
+    lines.append(f"| {label} | {r['backbone_cosine']:.3f} | {r['backbone_norm_ratio']:.3f} |"
+                 f" {r['mean_cosine']:.3f} |")
+  return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, default=2)
+  args = parser.parse_args(argv)
+  print("\n".join(markdown(measure(args.batches))))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

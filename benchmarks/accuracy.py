@@ -148,23 +148,41 @@ def sweep(base: dict, path: str, *, prune_ratios=PRUNE_RATIOS, extra=EXTRA_METHO
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
-  """Mean ± std (over seeds) of top-1 per optimizer and method, and the gap to full."""
+  """Mean ± std (over seeds) of top-1 per optimizer and method, and the gap to full.
+
+  `gap_std` is the spread of the per-seed gaps (each seed's top-1 less full fine-tuning's
+  with that seed: the same head initialization and batch order), over the seeds both
+  have; None with fewer than two. The seeds' shared luck cancels in it, so it says how
+  well the mean gap is known better than the two stds do.
+  """
   groups = {}
   for r in sorted(runs, key=_order):
     key = (r["optimizer"], r["total_steps"], r["method"])
-    groups.setdefault(key, {"prune_ratio": r["prune_ratio"], "values": []})["values"].append(
-        r["top1"])
+    group = groups.setdefault(key, {"prune_ratio": r["prune_ratio"], "by_seed": {}})
+    group["by_seed"][r["seed"]] = r["top1"]
   rows = []
   for (optimizer, steps, method), group in groups.items():
-    values = group["values"]
-    full = (groups.get((optimizer, steps, "full")) or {}).get("values")
+    values = list(group["by_seed"].values())
+    full = (groups.get((optimizer, steps, "full")) or {}).get("by_seed")
     mean = statistics.fmean(values)
+    paired = [v - full[seed] for seed, v in group["by_seed"].items() if full and seed in full]
     rows.append({"optimizer": optimizer, "total_steps": steps,
                  "prune_ratio": group["prune_ratio"], "method": method,
                  "seeds": len(values), "top1_mean": mean,
                  "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                 "gap_to_full": None if not full else mean - statistics.fmean(full)})
+                 "gap_to_full": None if not full else mean - statistics.fmean(full.values()),
+                 "gap_std": statistics.stdev(paired) if len(paired) > 1 else None})
   return rows
+
+
+def gap_text(row: dict) -> str:
+  """A summary row's gap to full, "-1.40 ± 0.60" (the per-seed gaps' std), or "—"."""
+  if row["gap_to_full"] is None:
+    return "—"
+  text = f"{row['gap_to_full']:+.2f}"
+  if row["gap_std"] is not None and row["method"] != "full":
+    text += f" ± {row['gap_std']:.2f}"
+  return text
 
 
 def markdown(doc: dict) -> list[str]:
@@ -177,14 +195,16 @@ def markdown(doc: dict) -> list[str]:
       "From the demo checkpoint (a small ViT pretrained on digits 0-4), fine-tuned on",
       f"digits 5-9 (`digits_demo`, eval split of {', '.join(map(str, examples))} images: one",
       f"image is {100 / examples[0]:.2f} points). Each row: mean ± std over seeds; the",
-      "gap is to full fine-tuning with the same optimizer. Produced by",
+      "gap is to full fine-tuning with the same optimizer, ± the std of the per-seed gaps",
+      "(a seed fixes the initialization, data order and dropout of both runs). Produced by",
       "`python experiments/transfer_accuracy.py`.",
       "",
-      "| optimizer | steps | method | seeds | top-1 (%) | gap to full (points) |",
+      "| optimizer | steps | method | seeds | top-1 (%) | gap to full (points, ± std of the"
+      " per-seed gaps) |",
       "|---|---|---|---|---|---|",
   ]
   for row in summarize(runs):
-    gap = "—" if row["gap_to_full"] is None else f"{row['gap_to_full']:+.2f}"
+    gap = gap_text(row)
     lr = next(r["lr"] for r in runs if r["optimizer"] == row["optimizer"])
     lines.append(f"| {row['optimizer']} (lr {lr:g}) | {row['total_steps']} | {row['method']} |"
                  f" {row['seeds']} | {row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {gap} |")

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from razor_jax import barriers, ops
 
-# label -> prune ratios of (q, k, P, v); the default prunes all four at 0.9.
+# label -> prune ratios of (q, k, P, v), and whether q, k and v compete for K per head
+# (a row per token and head) instead of per token (all heads in one row, the library's).
 CASES = {
     "default (all four at 0.9)": (0.9, 0.9, 0.9, 0.9),
     "q and k at 0.5": (0.5, 0.5, 0.9, 0.9),
@@ -32,23 +33,26 @@ CASES = {
     "P exact": (0.9, 0.9, 0.0, 0.9),
     "v exact": (0.9, 0.9, 0.9, 0.0),
     "all four at 0.5 (attention=0.5)": (0.5, 0.5, 0.5, 0.5),
+    "q, k, v rows per head": (0.9, 0.9, 0.9, 0.9, True),
 }
 
 
 @contextlib.contextmanager
-def copy_ratios(q: float, k: float, p: float, v: float):
+def copy_ratios(q: float, k: float, p: float, v: float, head_rows: bool = False):
   """Within the block, attention packs q, k, P and v at these ratios (the policy's
-  other fields as they are); the library's forward rules are restored after."""
+  other fields as they are), and with `head_rows` q, k and v by rows per token and head;
+  the library's forward rules are restored after."""
+  row_ndim = 1 if head_rows else 2  # q, k, v are (..., tokens, heads, features)
 
   def qk_fwd(q_, k_, spec, precision):
-    res = (dataclasses.replace(spec, prune_ratio=q).pack(q_, 2),
-           dataclasses.replace(spec, prune_ratio=k).pack(k_, 2))
+    res = (dataclasses.replace(spec, prune_ratio=q).pack(q_, row_ndim),
+           dataclasses.replace(spec, prune_ratio=k).pack(k_, row_ndim))
     return barriers.depend(ops._qk_plain(q_, k_, precision), res), res  # pylint: disable=protected-access
 
   def pv_fwd(logits, v_, spec, precision, softmax_in_float32):
     probs = ops._softmax(logits, v_.dtype, softmax_in_float32)  # pylint: disable=protected-access
     res = (dataclasses.replace(spec, prune_ratio=p).pack(probs),
-           dataclasses.replace(spec, prune_ratio=v).pack(v_, 2),
+           dataclasses.replace(spec, prune_ratio=v).pack(v_, row_ndim),
            jnp.zeros((0,), logits.dtype))
     return barriers.depend(ops._pv_plain(probs, v_, precision), res[:2]), res  # pylint: disable=protected-access
 
@@ -80,7 +84,7 @@ def measure(batches: int = 2, say=print) -> dict:
 
 
 def markdown(results: dict) -> list[str]:
-  lines = ["| attention's copies (q, k, P, v) | backbone cosine | backbone norm ratio |"
+  lines = ["| attention's copies (q, k, P, v): 0.9 unless said | backbone cosine | backbone norm ratio |"
            " mean cosine per parameter |", "|---|---|---|---|"]
   for label, r in results.items():
     lines.append(f"| {label} | {r['backbone_cosine']:.3f} | {r['backbone_norm_ratio']:.3f} |"

@@ -220,6 +220,8 @@ def test_attention_copy_ratios_change_the_gradient_and_are_restored():
     all_kept = grads()
   with attention_ablation.copy_ratios(0.9, 0.9, 0.0, 0.9):
     p_kept = grads()
+  with attention_ablation.copy_ratios(0.9, 0.9, 0.9, 0.9, head_rows=True):
+    per_head = grads()
   after = grads()
   # Every copy kept: the exact gradients. P alone kept: v's gradient (P^T g) is exact,
   # q's (through the pruned k and v) is neither the default's nor the exact one.
@@ -228,6 +230,7 @@ def test_attention_copy_ratios_change_the_gradient_and_are_restored():
   np.testing.assert_allclose(p_kept[2], exact()[2], rtol=1e-4, atol=1e-5)
   assert not np.allclose(default[2], exact()[2])
   assert not np.allclose(p_kept[0], default[0]) and not np.allclose(p_kept[0], exact()[0])
+  assert not np.allclose(per_head[0], default[0])  # K per head, not per token
   for got, want in zip(after, default):  # the library's rules are back
     np.testing.assert_array_equal(got, want)
 

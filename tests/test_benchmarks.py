@@ -159,7 +159,12 @@ def test_accuracy_summary_and_run_config():
   # Per-seed gaps -1 and -3: their spread, not the methods' own stds (0 and 1.41).
   assert rows["razor@0.9"]["gap_std"] == pytest.approx(2**0.5)
   lone = [dict(runs[0], seed=5)] + runs[2:]  # razor's only seed has no full run
-  assert {row["method"]: row for row in accuracy.summarize(lone)}["razor@0.9"]["gap_std"] is None
+  row = {row["method"]: row for row in accuracy.summarize(lone)}["razor@0.9"]
+  assert row["gap_std"] is None and row["gap_to_full"] == pytest.approx(-2.0)  # 89 - 91
+  # A full run of a seed razor lacks does not move razor's gap (paired seeds only).
+  extra = runs + [{**runs[2], "seed": 7, "top1": 50.0}]
+  assert {row["method"]: row for row in accuracy.summarize(extra)}["razor@0.9"][
+      "gap_to_full"] == pytest.approx(-2.0)
   assert [row["method"] for row in accuracy.summarize(runs)] == ["full", "razor@0.9"]
   base = {"lr": 0.5, "optimizer": {"name": "sgd"}, "warmup_steps": 50, "total_steps": 500}
   methods = accuracy.methods()

@@ -151,11 +151,10 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
   """Mean ± std (over seeds) of top-1 per optimizer and method, and the gap to full.
 
   The gap is the mean of the per-seed gaps (each seed's top-1 less full fine-tuning's with
-  that seed) over the seeds both have; with none in common, the difference of the means.
-  `gap_std` is the spread of the per-seed gaps (each seed's top-1 less full fine-tuning's
-  with that seed: the same head initialization and batch order), over the seeds both
-  have; None with fewer than two. The seeds' shared luck cancels in it, so it says how
-  well the mean gap is known better than the two stds do.
+  that seed: the same initialization, data order and dropout) over the seeds both have;
+  with none in common, the difference of the means. `gap_std` is those gaps' std (None
+  with fewer than two): the seeds' shared luck cancels in it, so it says how well the
+  gap is known better than the two stds do.
   """
   groups = {}
   for r in sorted(runs, key=_order):
@@ -172,12 +171,17 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
                  "prune_ratio": group["prune_ratio"], "method": method,
                  "seeds": len(values), "top1_mean": mean,
                  "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                 # Over the seeds both have, so that extra seeds of full fine-tuning for
-                 # one method do not move another method's gap.
-                 "gap_to_full": (statistics.fmean(paired) if paired else
-                                 None if not full else mean - statistics.fmean(full.values())),
+                 "gap_to_full": _gap(mean, full, paired),
                  "gap_std": statistics.stdev(paired) if len(paired) > 1 else None})
   return rows
+
+
+def _gap(mean: float, full: Optional[dict], paired: list) -> Optional[float]:
+  # Over the seeds both runs have, so that extra seeds of full fine-tuning for one method
+  # do not move another method's gap.
+  if paired:
+    return statistics.fmean(paired)
+  return None if not full else mean - statistics.fmean(full.values())
 
 
 def gap_text(row: dict) -> str:

@@ -121,8 +121,9 @@ def compare(grads: dict, exact: dict) -> dict:
           "backbone_norm_ratio": float(np.linalg.norm(g_all) / np.linalg.norm(e_all))}
 
 
-def fidelity(batches: int = 3, batch_size: int = 64, say=print) -> dict:
-  """label -> the `compare` figures averaged over `batches` real batches."""
+def fidelity_inputs(batches: int = 3, batch_size: int = 64) -> tuple:
+  """(params, batches, exact gradients per batch): the demo checkpoint with its own head,
+  `batches` real training batches of digits_demo, and the exact gradients on each."""
   from benchmarks import demo_data  # pylint: disable=g-import-not-at-top  (imports TF)
   init = jax.eval_shape(lambda: _model(Policy(0.0)).init(jax.random.key(0),
                                                           jnp.zeros((1, 32, 32, 3))))
@@ -130,13 +131,24 @@ def fidelity(batches: int = 3, batch_size: int = 64, say=print) -> dict:
   data = [demo_data.train_batch(batch_size, seed=s) for s in range(batches)]
   exact_fn = _grad_fn(Policy(0.0))
   exact = [_leaves(exact_fn(params, b["image"], b["label"])) for b in data]
+  return params, data, exact
+
+
+def compare_policy(policy: Policy, params, data, exact) -> dict:
+  """`compare`'s figures for `policy`'s gradients, averaged over the batches."""
+  fn = _grad_fn(policy)
+  per_batch = [compare(_leaves(fn(params, b["image"], b["label"])), e)
+               for b, e in zip(data, exact)]
+  return {k: float(np.mean([p[k] for p in per_batch])) for k in per_batch[0]}
+
+
+def fidelity(batches: int = 3, batch_size: int = 64, say=print) -> dict:
+  """label -> the `compare` figures of each of POLICIES, averaged over `batches` batches."""
+  inputs = fidelity_inputs(batches, batch_size)
   out = {}
   for label, policy in POLICIES.items():
     began = time.monotonic()
-    fn = _grad_fn(policy)
-    per_batch = [compare(_leaves(fn(params, b["image"], b["label"])), e)
-                 for b, e in zip(data, exact)]
-    out[label] = {k: float(np.mean([p[k] for p in per_batch])) for k in per_batch[0]}
+    out[label] = compare_policy(policy, *inputs)
     say(f"{label}: {out[label]} ({time.monotonic() - began:.0f} s)")
   return out
 

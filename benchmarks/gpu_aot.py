@@ -126,13 +126,17 @@ def topology_mesh(target: str):
 
 
 def compile_case(case: Case, mesh, target: str, hlo_dir: Optional[str] = None,
-                 batch_chunk: Optional[int] = None) -> dict:
-  """Compiles `case`'s step on `mesh`; its memory, modeled time and settings as a dict."""
+                 batch_chunk: Optional[int] = None, config=None) -> dict:
+  """Compiles `case`'s step on `mesh`; its memory, modeled time and settings as a dict.
+
+  `config` replaces `target_config(case, batch_chunk)` (benchmarks.policy_memory sets
+  policy fields on it).
+  """
   from benchmarks import gpu_time  # pylint: disable=g-import-not-at-top
   from benchmarks import step as bench_step  # pylint: disable=g-import-not-at-top
   from razor_jax import memory  # pylint: disable=g-import-not-at-top
   from razor_jax.train import setup as train_setup  # pylint: disable=g-import-not-at-top
-  config = target_config(case, batch_chunk)
+  config = config or target_config(case, batch_chunk)
   began = time.monotonic()
   model = train_setup.build_model(config, case.num_classes)
   _, _, compiled = train_setup.compile_step(model, config, mesh)

@@ -39,10 +39,10 @@ GRANULARITIES = ("sample", "token")
 # code's rule: num_small = clip(floor(n ratio), 1, n), keep |a| >= the num_small-th
 # smallest |a| of the group, ties included (sample groups only).
 KEEP_RULES = ("exact_k", "threshold")
-VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8", "log4")
+VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8", "log4", "sign")
 POSITION_FORMATS = ("auto", "bitmask", "indices", "elias_fano")
 # What token rows accept ("auto" first: it resolves to the next one).
-ROW_VALUE_FORMATS = ("auto", "log4", "int8", "bfloat16", "float16", "float32")
+ROW_VALUE_FORMATS = ("auto", "log4", "sign", "int8", "bfloat16", "float16", "float32")
 ROW_POSITION_FORMATS = ("auto", "elias_fano", "indices")
 
 
@@ -231,10 +231,9 @@ def check_formats(granularity: str, value_format: str, position_format: str):
     if position_format not in ROW_POSITION_FORMATS:
       raise ValueError(f"token rows store positions as one of {ROW_POSITION_FORMATS}, got"
                        f" position_format={position_format!r}")
-  else:
-    if value_format == "log4":
-      raise ValueError("value_format='log4' codes token rows (granularity='token'); sample"
-                       " groups store 'bfloat16', 'int8', 'float16' or 'float32'")
+  elif value_format in ("log4", "sign"):
+    raise ValueError(f"value_format={value_format!r} codes token rows (granularity='token');"
+                     " sample groups store 'bfloat16', 'int8', 'float16' or 'float32'")
 
 
 def _row_formats(value_format: str, position_format: str, dtype) -> tuple[str, str]:
@@ -265,6 +264,8 @@ def _pack_rows(x, prune_ratio: float, row_ndim: int, value_format: str,
     parts = [codecs.pack_planes(pos, index_bits(n))]
   if value_format == "log4":
     parts += list(codecs.encode_log4(kept))
+  elif value_format == "sign":
+    parts += list(codecs.encode_sign(kept))
   elif value_format == "int8":
     parts += list(codecs.encode_int8(kept))
   else:
@@ -278,6 +279,8 @@ def _pack_rows(x, prune_ratio: float, row_ndim: int, value_format: str,
 def _row_values(packed: RowPacked, parts) -> jax.Array:
   if packed.value_format == "log4":
     return codecs.decode_log4(parts[1], parts[2], packed.k)
+  if packed.value_format == "sign":
+    return codecs.decode_sign(parts[1], parts[2], packed.k)
   if packed.value_format == "int8":
     return codecs.decode_int8(parts[1], parts[2], jnp.float32)
   return parts[1]
@@ -330,7 +333,8 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
     value_format: storage of kept values. Sample groups: "auto" (float16 for float16
       input, else "bfloat16"), "bfloat16" (bfloat16 numbers in 15 bits), "float16",
       "float32" or "int8" (with a per-group float32 scale). Token rows: "auto"
-      (= "log4", 4 bits), "log4", "int8", "bfloat16", "float16", "float32".
+      (= "log4", 4 bits), "log4", "sign" (1 bit: the sign, with the row's mean
+      kept magnitude), "int8", "bfloat16", "float16", "float32".
     position_format: sample groups: "auto" (the smaller of "bitmask" and "indices"),
       "bitmask", "indices" or "elias_fano". Token rows: "auto" (= "elias_fano") or
       "indices" (b-bit indices).
@@ -484,9 +488,19 @@ def prune_reference(x: jax.Array, prune_ratio: float, granularity: str = "sample
     out = jnp.clip(jnp.round(kept / scale), -127, 127) * scale
   elif value_format == "log4":
     out = _log4_reference(kept, mask)
+  elif value_format == "sign":
+    # One magnitude per row, the mean of the K kept (bfloat16), with each one's sign.
+    mean = jnp.mean(jnp.abs(jnp.take_along_axis(kept, _kept_positions(mask, k), axis=1)),
+                    axis=1, keepdims=True).astype(jnp.bfloat16).astype(jnp.float32)
+    out = jnp.where(jnp.signbit(kept), -mean, mean)
   else:
     out = kept.astype(value_format)
   return jnp.where(mask, out, 0).reshape(x.shape).astype(x.dtype)
+
+
+def _kept_positions(mask: jax.Array, k: int) -> jax.Array:
+  """(groups, K) positions of a mask's K set elements per row, in order."""
+  return jnp.argsort(~mask, axis=1, stable=True)[:, :k]
 
 
 def _log4_reference(kept: jax.Array, mask: jax.Array) -> jax.Array:

@@ -50,7 +50,8 @@ class Policy:
         took "sample"); it now means "token" everywhere.
     value_format: storage of kept values: "auto" (token rows: 4-bit "log4"; sample
       groups: bfloat16 in 15 bits, float16 for float16 inputs), "log4" (rows only),
-      "int8", "bfloat16", "float16", "float32".
+      "sign" (rows only: 1 bit, the sign, with one mean magnitude per row), "int8",
+      "bfloat16", "float16", "float32".
     position_format: "auto" (rows: "elias_fano"; groups: bitmask or indices,
       whichever is smaller), "elias_fano", "indices", "bitmask" (groups only).
     gelu_storage: what GELU keeps for its backward: "auto" (exact when the policy

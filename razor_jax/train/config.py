@@ -102,7 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.policy.granularity = "token"
   config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint2"),
   #                                      "uint8", "uint4", "uint2", "bfloat16" or "exact"
-  # Kept values: "auto" (token rows: 4-bit "log4"; sample groups: bf16 in 15 bits), "int8", ...
+  # Kept values: "auto" (token rows: 4-bit "log4"; sample groups: bf16 in 15 bits), "sign"
+  # (token rows: 1 bit and a mean magnitude per row), "int8", ...
   config.policy.value_format = "auto"
   # Kept positions: "auto" (rows: "elias_fano"; groups: bitmask or indices), "indices", ...
   config.policy.position_format = "auto"

@@ -40,6 +40,8 @@ FIDELITY_METHODS = {
     "razor@0.9 attention 0.5": {"prune_ratio": 0.9, "policy": {"attention": 0.5}},
     # ... and at 0.8: twice the default's share, within the GPU issue's 0.80x remat.
     "razor@0.9 attention 0.8": {"prune_ratio": 0.9, "policy": {"attention": 0.8}},
+    # Kept values in 1 bit: twice the kept positions of razor@0.9 for about its memory.
+    "razor@0.8 sign": {"prune_ratio": 0.8, "policy": {"value_format": "sign"}},
 }
 SEEDS = (0, 1, 2)
 # Peak learning rates: the demo's for SGD (momentum 0.9); Adam's usual fine-tuning scale.

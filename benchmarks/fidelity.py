@@ -58,6 +58,11 @@ POLICIES = {
     "paper preset + energy": Policy.paper(0.9, estimator="energy"),
     "per-sample groups + energy": Policy(0.9, granularity="sample", estimator="energy"),
     "default + energy": Policy(0.9, estimator="energy"),
+    # Kept values in 1 bit (the sign, one mean magnitude per row): the bits log4 spends
+    # on values buy more kept positions (README, "Kept values in one bit").
+    "sign values at 0.9": Policy(0.9, value_format="sign"),
+    "sign values at 0.85": Policy(0.85, value_format="sign"),
+    "sign values at 0.8": Policy(0.8, value_format="sign"),
 }
 # What the memory stage compiles: case -> (variant, batch, image size, classes, policies).
 # ViT-B/16 compiles take minutes each on a busy CPU, so fewer policies there.
@@ -65,10 +70,11 @@ MEMORY_CASES = {
     "demo ViT, batch 64, 32 px": (None, 64, 32, 5, (
         "full", "paper preset (Policy.paper)", "paper preset, fused LayerNorm",
         "per-sample groups (the paper's grouping)", "default (token rows, log4)",
-        "per-sample groups + energy")),
+        "per-sample groups + energy", "sign values at 0.9", "sign values at 0.85",
+        "sign values at 0.8")),
     "ViT-B/16, batch 32, 224 px": ("B/16", 32, 224, 100, (
         "paper preset (Policy.paper)", "per-sample groups (the paper's grouping)",
-        "default (token rows, log4)")),
+        "default (token rows, log4)", "sign values at 0.8")),
 }
 NEGLIGIBLE = 1e-6  # of the largest parameter's exact gradient norm
 # Transfer tasks: label -> (config in experiments/configs, results file).
@@ -78,7 +84,7 @@ TASK_CONFIGS = tuple(config for config, _ in TASKS.values())
 # The accuracy scope run by --accuracy (SGD first: its gap is the open question).
 ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 sample",
                     "razor@0.9 sample energy", "razor@0.9 attention 0.5",
-                    "razor@0.9 attention 0.8")
+                    "razor@0.9 attention 0.8", "razor@0.8 sign")
 ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2),
                       methods=ACCURACY_METHODS, tasks=TASK_CONFIGS)
 
@@ -325,6 +331,8 @@ def main(argv=None) -> int:
            "fidelity": fidelity(args.batches, args.batch_size)}
     if not args.no_memory:
       doc["memory"] = memory_table()
+    elif (load(directory) or {}).get("memory"):
+      doc["memory"] = load(directory)["memory"]  # kept: --no_memory reruns fidelity only
     records.write_json(args.out, doc)
     print("\n".join(markdown(doc)))
   if args.accuracy:

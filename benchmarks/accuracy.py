@@ -40,8 +40,13 @@ FIDELITY_METHODS = {
     "razor@0.9 attention 0.5": {"prune_ratio": 0.9, "policy": {"attention": 0.5}},
     # ... and at 0.8: twice the default's share, within the GPU issue's 0.80x remat.
     "razor@0.9 attention 0.8": {"prune_ratio": 0.9, "policy": {"attention": 0.8}},
-    # Kept values in 1 bit: twice the kept positions of razor@0.9 for about its memory.
+    # Twice the default's kept positions: values in 4 bits as the default's, and in 1 bit
+    # (about the default's memory).
+    "razor@0.8": {"prune_ratio": 0.8},
     "razor@0.8 sign": {"prune_ratio": 0.8, "policy": {"value_format": "sign"}},
+    # ... with attention's values (softmax probabilities among them) kept in 4 bits.
+    "razor@0.8 sign, attention log4": {"prune_ratio": 0.8, "policy": {
+        "value_format": "sign", "value_formats": "attention:log4"}},
 }
 SEEDS = (0, 1, 2)
 # Peak learning rates: the demo's for SGD (momentum 0.9); Adam's usual fine-tuning scale.

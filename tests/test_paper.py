@@ -139,6 +139,20 @@ def test_paper_preset_from_the_command_line():
   config, _ = cli.parse(["--config", "demo", "--config.policy.estimator=energy",
                          "--workdir", "unused"], configs)
   assert setup.make_policy(config) == Policy(0.9, estimator="energy")
+  config, _ = cli.parse(["--config", "demo", "--config.prune_ratio=0.8",
+                         "--config.policy.value_format=sign",
+                         "--config.policy.value_formats=attention:log4", "--workdir", "unused"],
+                        configs)
+  assert setup.make_policy(config) == Policy(0.8, value_format="sign",
+                                             value_formats=(("attention", "log4"),))
+  assert setup.make_policy(config).spec("attention").value_format == "log4"
+  assert setup.make_policy(config).spec("dense").value_format == "sign"
+  for bad, match in (("attention=log4", "op:format"), ("gelu:log4", "unknown op type 'gelu'"),
+                     ("attention:log3", "value_format must be one of")):
+    config, _ = cli.parse(["--config", "demo", f"--config.policy.value_formats={bad}",
+                           "--workdir", "unused"], configs)
+    with pytest.raises(ValueError, match=match):
+      setup.make_policy(config)
   config, _ = cli.parse(["--config", "demo", "--config.policy.preset=original",
                          "--workdir", "unused"], configs)
   with pytest.raises(ValueError, match="preset must be one of"):

@@ -174,9 +174,27 @@ def make_policy(config, *, full_finetuning: bool = False) -> Policy:
   gelu = config.policy.gelu_storage
   return Policy.make(config.prune_ratio, ratios=per_op, granularity=config.policy.granularity,
                      value_format=config.policy.value_format,
+                     value_formats=parse_value_formats(config.policy.get("value_formats", "")),
                      position_format=config.policy.position_format,
                      gelu_storage=None if gelu in ("exact", "", None) else gelu,
                      estimator=estimator)
+
+
+def parse_value_formats(text: str) -> tuple:
+  """"attention:log4;dense:sign" -> (("attention", "log4"), ("dense", "sign")).
+
+  Raises:
+    ValueError: an item that is not op:format, with what was expected (the op types and
+      formats themselves are checked by Policy).
+  """
+  items = []
+  for item in filter(None, (part.strip() for part in (text or "").split(";"))):
+    op_type, sep, value_format = item.partition(":")
+    if not sep or not op_type or not value_format:
+      raise ValueError(f"config.policy.value_formats items are op:format joined by ';' (e.g."
+                       f" 'attention:log4'), got {item!r}")
+    items.append((op_type.strip(), value_format.strip()))
+  return tuple(sorted(items))
 
 
 def build_model(config, num_classes: int, *, full_finetuning: bool = False):

@@ -45,7 +45,7 @@ FIDELITY_METHODS = {
     "razor@0.8": {"prune_ratio": 0.8},
     "razor@0.8 sign": {"prune_ratio": 0.8, "policy": {"value_format": "sign"}},
     # ... with attention's values (softmax probabilities among them) kept in 4 bits.
-    "razor@0.8 sign, attention log4": {"prune_ratio": 0.8, "policy": {
+    "razor@0.8 sign + attention log4": {"prune_ratio": 0.8, "policy": {
         "value_format": "sign", "value_formats": "attention:log4"}},
 }
 SEEDS = (0, 1, 2)
@@ -147,7 +147,9 @@ def sweep(base: dict, path: str, *, prune_ratios=PRUNE_RATIOS, extra=EXTRA_METHO
           shutil.rmtree(workdir, ignore_errors=True)
         run.update(top1=100.0 * result["eval/accuracy"], eval_examples=result["eval/examples"],
                    train_loss=result.get("train/loss"), seconds=time.monotonic() - began)
-        runs.append(run)
+        # Whatever another sweep saved to `path` meanwhile stays: runs merge by key.
+        runs = list({**{_key(r): r for r in runs}, **{_key(r): r for r in load_runs(path)},
+                     _key(run): run}.values())
         save(path, runs, base)
         say(f"{optimizer} {run['method']} seed {seed}: top-1 {run['top1']:.2f}%"
             f" ({run['seconds']:.0f} s)")

@@ -361,17 +361,31 @@ def row_ef_encode(pos: jax.Array, n: int) -> jax.Array:
   The upper words: on GPU each is a sum over the k bits of the row (distinct bits: the
   sum is their OR), one fused reduction for the whole array instead of a scatter; on
   XLA:CPU, which materializes that reduction's (rows, words, k) operand (680 MB for
-  ViT-B/16's MLP rows at 20% kept, 4x the size at 10%), a scatter of the k bits.
+  ViT-B/16's MLP rows at 20% kept, 4x the size at 10%), a scatter of the k bits where
+  that operand would outgrow the rows (`_cpu_materializes`).
   """
   rows, k = pos.shape
   low, upper_words, _ = row_ef_layout(n, k)
   bit = (pos >> low) + jnp.arange(k, dtype=jnp.int32)[None, :]
-  upper = barriers.per_platform((bit,), lambda b: _set_bits(b, upper_words),
-                                lambda b: _upper_words_by_reduction(b, upper_words))
+  if not _cpu_materializes(n, k):
+    upper = _upper_words_by_reduction(bit, upper_words)
+  else:
+    upper = barriers.per_platform((bit,), lambda b: _set_bits(b, upper_words),
+                                  lambda b: _upper_words_by_reduction(b, upper_words))
   code = lax.bitcast_convert_type(upper, jnp.uint8).reshape(rows, -1)
   if low:
     code = jnp.concatenate([code, pack_planes(pos & ((1 << low) - 1), low)], axis=1)
   return code
+
+
+def _cpu_materializes(n: int, k: int) -> bool:
+  """Whether the GPU forms' (rows, words, k) operand outgrows twice the rows themselves
+  (words * k > 2 n: ViT-B/16's 3072-wide MLP rows, 2.2x at 10% kept and 8.8x at 20%),
+  where XLA:CPU's materializing it costs more than the scatter and `select_bits` do.
+  Below that (a CNN's channel rows, 768-wide rows at 10% kept) the fused forms are the
+  smaller on CPU too: the tiny CNN's batch-32 step took 50.9 MiB with the scatter
+  everywhere against 44.2 without (tests/test_cnn_memory.py)."""
+  return row_ef_layout(n, k)[1] * k > 2 * n
 
 
 def _upper_words_by_reduction(bit: jax.Array, upper_words: int) -> jax.Array:
@@ -389,14 +403,18 @@ def row_ef_decode(code: jax.Array, n: int, k: int) -> jax.Array:
   inclusive prefix count exceeds i (a compare-count over the few words of a row), at
   the (i - count before that word)-th set bit of it (`select_in_word`); on XLA:CPU,
   which materializes that compare's (rows, k, words) operand, `select_bits` (slots
-  owned by words through a prefix sum over the k slots).
+  owned by words through a prefix sum over the k slots) where that operand would
+  outgrow the rows (`_cpu_materializes`).
   """
   rows = code.shape[0]
   low, upper_words, _ = row_ef_layout(n, k)
   upper = lax.bitcast_convert_type(code[:, :4 * upper_words].reshape(rows, upper_words, 4),
                                    jnp.uint32)
-  at = barriers.per_platform((upper,), lambda u: select_bits(u, k)[0],
-                             lambda u: _set_bit_indices_by_count(u, k))
+  if not _cpu_materializes(n, k):
+    at = _set_bit_indices_by_count(upper, k)
+  else:
+    at = barriers.per_platform((upper,), lambda u: select_bits(u, k)[0],
+                               lambda u: _set_bit_indices_by_count(u, k))
   pos = (at - jnp.arange(k, dtype=jnp.int32)[None, :]) << low
   if low:
     pos = pos | unpack_planes(code[:, 4 * upper_words:], low, k)

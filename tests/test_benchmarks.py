@@ -176,6 +176,25 @@ def test_accuracy_summary_and_run_config():
   assert config["total_steps"] == config["eval_every"] == 60 and config["warmup_steps"] == 6
 
 
+def test_sweeps_writing_one_file_keep_each_others_runs(tmp_path, monkeypatch):
+  path = str(tmp_path / "runs.json")
+  other = {"optimizer": "sgd", "prune_ratio": 0.0, "method": "full", "seed": 9,
+           "total_steps": 5, "top1": 50.0}
+
+  def fake_run(config, workdir, datasets=None):
+    # Another sweep saves a run to the same file while this one trains.
+    accuracy.save(path, accuracy.load_runs(path) + [other], {})
+    return {"eval/accuracy": 0.5 + config["seed"] / 10, "eval/examples": 10}
+
+  monkeypatch.setattr(accuracy.train, "run", fake_run)
+  base = {"lr": 0.1, "optimizer": {"name": "sgd"}, "warmup_steps": 0, "total_steps": 5}
+  runs = accuracy.sweep(base, path, prune_ratios=(0.9,), extra={}, seeds=(0, 1),
+                        optimizers=("sgd",), say=lambda _: None)
+  saved = {(r["method"], r["seed"]): r["top1"] for r in accuracy.load_runs(path)}
+  assert saved == {("full", 9): 50.0, ("razor@0.9", 0): 50.0, ("razor@0.9", 1): 60.0}
+  assert len(runs) == 3
+
+
 def test_fidelity_accuracy_scope_narrows_the_grid_and_rejects_unknown_names():
   import argparse  # pylint: disable=g-import-not-at-top
   from benchmarks import fidelity  # pylint: disable=g-import-not-at-top

@@ -338,8 +338,11 @@ def main(argv=None) -> int:
            "fidelity": fidelity(args.batches, args.batch_size)}
     if not args.no_memory:
       doc["memory"] = memory_table()
-    elif (load(directory) or {}).get("memory"):
-      doc["memory"] = load(directory)["memory"]  # kept: --no_memory reruns fidelity only
+    elif os.path.exists(args.out):  # --no_memory reruns fidelity only: the memory stays
+      with open(args.out, encoding="utf-8") as f:
+        kept = json.load(f).get("memory")
+      if kept:
+        doc["memory"] = kept
     records.write_json(args.out, doc)
     print("\n".join(markdown(doc)))
   if args.accuracy:

@@ -362,30 +362,29 @@ def row_ef_encode(pos: jax.Array, n: int) -> jax.Array:
   sum is their OR), one fused reduction for the whole array instead of a scatter; on
   XLA:CPU, which materializes that reduction's (rows, words, k) operand (680 MB for
   ViT-B/16's MLP rows at 20% kept, 4x the size at 10%), a scatter of the k bits where
-  that operand would outgrow the rows (`_cpu_materializes`).
+  that operand would outgrow the rows (`_upper_form`).
   """
   rows, k = pos.shape
   low, upper_words, _ = row_ef_layout(n, k)
   bit = (pos >> low) + jnp.arange(k, dtype=jnp.int32)[None, :]
-  if not _cpu_materializes(n, k):
-    upper = _upper_words_by_reduction(bit, upper_words)
-  else:
-    upper = barriers.per_platform((bit,), lambda b: _set_bits(b, upper_words),
-                                  lambda b: _upper_words_by_reduction(b, upper_words))
+  upper = _upper_form(n, k, (bit,), lambda b: _set_bits(b, upper_words),
+                      lambda b: _upper_words_by_reduction(b, upper_words))
   code = lax.bitcast_convert_type(upper, jnp.uint8).reshape(rows, -1)
   if low:
     code = jnp.concatenate([code, pack_planes(pos & ((1 << low) - 1), low)], axis=1)
   return code
 
 
-def _cpu_materializes(n: int, k: int) -> bool:
-  """Whether the GPU forms' (rows, words, k) operand outgrows twice the rows themselves
+def _upper_form(n: int, k: int, args, cpu, fused):
+  """fused(*args) (the GPU's form of the upper words' coding), or on XLA:CPU cpu(*args)
+  where the fused form's (rows, words, k) operand outgrows twice the rows themselves
   (words * k > 2 n: ViT-B/16's 3072-wide MLP rows, 2.2x at 10% kept and 8.8x at 20%),
-  where XLA:CPU's materializing it costs more than the scatter and `select_bits` do.
-  Below that (a CNN's channel rows, 768-wide rows at 10% kept) the fused forms are the
-  smaller on CPU too: the tiny CNN's batch-32 step took 50.9 MiB with the scatter
-  everywhere against 44.2 without (tests/test_cnn_memory.py)."""
-  return row_ef_layout(n, k)[1] * k > 2 * n
+  which XLA:CPU materializes. Below that (a CNN's channel rows, 768-wide rows at 10%
+  kept) the fused form is the smaller on CPU too: the tiny CNN's batch-32 step took
+  50.9 MiB with the scatter everywhere against 44.2 without (tests/test_cnn_memory.py)."""
+  if row_ef_layout(n, k)[1] * k <= 2 * n:
+    return fused(*args)
+  return barriers.per_platform(args, cpu, fused)
 
 
 def _upper_words_by_reduction(bit: jax.Array, upper_words: int) -> jax.Array:
@@ -404,17 +403,14 @@ def row_ef_decode(code: jax.Array, n: int, k: int) -> jax.Array:
   the (i - count before that word)-th set bit of it (`select_in_word`); on XLA:CPU,
   which materializes that compare's (rows, k, words) operand, `select_bits` (slots
   owned by words through a prefix sum over the k slots) where that operand would
-  outgrow the rows (`_cpu_materializes`).
+  outgrow the rows (`_upper_form`).
   """
   rows = code.shape[0]
   low, upper_words, _ = row_ef_layout(n, k)
   upper = lax.bitcast_convert_type(code[:, :4 * upper_words].reshape(rows, upper_words, 4),
                                    jnp.uint32)
-  if not _cpu_materializes(n, k):
-    at = _set_bit_indices_by_count(upper, k)
-  else:
-    at = barriers.per_platform((upper,), lambda u: select_bits(u, k)[0],
-                               lambda u: _set_bit_indices_by_count(u, k))
+  at = _upper_form(n, k, (upper,), lambda u: select_bits(u, k)[0],
+                   lambda u: _set_bit_indices_by_count(u, k))
   pos = (at - jnp.arange(k, dtype=jnp.int32)[None, :]) << low
   if low:
     pos = pos | unpack_planes(code[:, 4 * upper_words:], low, k)

@@ -489,7 +489,9 @@ def prune_reference(x: jax.Array, prune_ratio: float, granularity: str = "sample
   elif value_format == "log4":
     out = _log4_reference(kept, mask)
   elif value_format == "sign":
-    # One magnitude per row, the mean of the K kept (bfloat16), with each one's sign.
+    # One magnitude per row, the mean of the K kept (bfloat16), with each one's sign;
+    # averaged over the K gathered in position order, as the codec does, so that the
+    # float32 sum rounds alike before the bfloat16 rounding.
     mean = jnp.mean(jnp.abs(jnp.take_along_axis(kept, _kept_positions(mask, k), axis=1)),
                     axis=1, keepdims=True).astype(jnp.bfloat16).astype(jnp.float32)
     out = jnp.where(jnp.signbit(kept), -mean, mean)

@@ -47,6 +47,9 @@ FIDELITY_METHODS = {
     # ... with attention's values (softmax probabilities among them) kept in 4 bits.
     "razor@0.8 sign + attention log4": {"prune_ratio": 0.8, "policy": {
         "value_format": "sign", "value_formats": "attention:log4"}},
+    # ... with only the softmax probabilities in 4 bits (their sign carries nothing).
+    "razor@0.8 sign + softmax log4": {"prune_ratio": 0.8, "policy": {
+        "value_format": "sign", "value_formats": "softmax:log4"}},
 }
 SEEDS = (0, 1, 2)
 # Peak learning rates: the demo's for SGD (momentum 0.9); Adam's usual fine-tuning scale.

@@ -54,7 +54,7 @@ def runs_exact(policy: Policy, module) -> bool:
   Such a call runs flax's own code, so its results and gradients are flax's.
   """
   if isinstance(module, nn.MultiHeadDotProductAttention):
-    op_types = ("dense", "attention") + (("layer_norm",) if module.normalize_qk else ())
+    op_types = ("dense", "attention", "softmax") + (("layer_norm",) if module.normalize_qk else ())
   elif isinstance(module, nn.LayerNorm):
     op_types = ("layer_norm",)
   elif isinstance(module, nn.Conv):
@@ -418,7 +418,8 @@ def _attend(m, policy: Policy, query, key, value, mask, dropout_rng, determinist
     weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype))
     return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=m.precision,
                       _dot_general=lax.dot_general)
-  return ops.softmax_attend(logits, value, spec, precision=m.precision, softmax_in_float32=fp32)
+  return ops.softmax_attend(logits, value, spec, precision=m.precision, softmax_in_float32=fp32,
+                            p_spec=policy.spec("softmax"))
 
 
 def razor_mha(m, policy: Policy, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None,
@@ -471,7 +472,8 @@ class RazorMultiHeadDotProductAttention(RazorModule, nn.MultiHeadDotProductAtten
   Same fields, params (query/key/value/out, optional query_ln/key_ln) and call as
   flax's. When the query, key and value inputs are one array (self-attention), the
   three projections share one packed copy of it. Projections and LayerNorms use the
-  "dense"/"layer_norm" policy entries, QK^T and softmax-V the "attention" entry.
+  "dense"/"layer_norm" policy entries, QK^T and softmax-V the "attention" entry (the
+  probabilities the "softmax" entry, which defaults to "attention").
   With attention dropout active, softmax, dropout and weights-V run exactly (plain
   jnp). decode=True, a custom attention_fn or custom dot_general/einsum factories
   raise UnsupportedConfigError (a ValueError).

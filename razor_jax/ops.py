@@ -353,22 +353,35 @@ def _pv_plain(p, v, precision):
                     _dot_general=lax.dot_general)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _softmax_pv(logits, v, spec, precision, softmax_in_float32):
+# Where softmax_attend's p_spec is not given: the probabilities pruned as v.
+SAME = "same"
+
+
+def _pack_or_keep(spec, x, row_ndim=1):
+  return x if spec is None else spec.pack(x, row_ndim)
+
+
+def _unpack_or_kept(res, g):
+  return res if isinstance(res, jax.Array) else packed.unpack(res, after=g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _softmax_pv(logits, v, spec, p_spec, precision, softmax_in_float32):
   p = _softmax(logits, v.dtype, softmax_in_float32)
   return _pv_plain(p, v, precision)
 
 
-def _softmax_pv_fwd(logits, v, spec, precision, softmax_in_float32):
+def _softmax_pv_fwd(logits, v, spec, p_spec, precision, softmax_in_float32):
   p = _softmax(logits, v.dtype, softmax_in_float32)
   # Rows: one query's probabilities over the keys; v, as q and k, a token's features.
-  res = (spec.pack(p), spec.pack(v, 2), jnp.zeros((0,), logits.dtype))
+  # An exact side (spec None) keeps its dense array.
+  res = (_pack_or_keep(p_spec, p), _pack_or_keep(spec, v, 2), jnp.zeros((0,), logits.dtype))
   return barriers.depend(_pv_plain(p, v, precision), res[:2]), res
 
 
-def _softmax_pv_bwd(spec, precision, softmax_in_float32, res, g):
-  p_pruned = packed.unpack(res[0], after=g)
-  v_pruned = packed.unpack(res[1], after=g)
+def _softmax_pv_bwd(spec, p_spec, precision, softmax_in_float32, res, g):
+  p_pruned = _unpack_or_kept(res[0], g)
+  v_pruned = _unpack_or_kept(res[1], g)
   _, vjp = jax.vjp(lambda a, b: _pv_plain(a, b, precision), p_pruned, v_pruned)
   dp, dv = vjp(g)
   # Softmax backward with the pruned probabilities in place of the exact ones.
@@ -382,27 +395,36 @@ _softmax_pv.defvjp(_softmax_pv_fwd, _softmax_pv_bwd)
 
 
 def softmax_attend(logits, v, spec: Optional[PackSpec], precision=None,
-                   softmax_in_float32: bool = False):
-  """softmax(logits) then einsum('...hqk,...khd->...qhd', p, v); p and v pruned."""
+                   softmax_in_float32: bool = False, p_spec=SAME):
+  """softmax(logits) then einsum('...hqk,...khd->...qhd', p, v); p and v pruned.
+
+  `spec` prunes v and, unless `p_spec` says otherwise (a PackSpec, or None to keep the
+  probabilities exact), the probabilities p: the policy's "softmax" op type.
+  """
+  p_spec = spec if isinstance(p_spec, str) and p_spec == SAME else p_spec
   check_packable(spec, logits=logits, v=v)
-  if is_exact(spec):
+  check_packable(p_spec, logits=logits)
+  if is_exact(spec) and is_exact(p_spec):
     return _pv_plain(_softmax(logits, v.dtype, softmax_in_float32), v, precision)
-  return _softmax_pv(logits, v, spec, precision, softmax_in_float32)
+  spec, p_spec = (None if is_exact(s) else s for s in (spec, p_spec))
+  return _softmax_pv(logits, v, spec, p_spec, precision, softmax_in_float32)
 
 
 def softmax_attend_reference(logits, v, spec: Optional[PackSpec], precision=None,
-                             softmax_in_float32: bool = False):
+                             softmax_in_float32: bool = False, p_spec=SAME):
+  p_spec = spec if isinstance(p_spec, str) and p_spec == SAME else p_spec
   p = _softmax(logits, v.dtype, softmax_in_float32)
   exact = _pv_plain(p, v, precision)
-  if is_exact(spec):
+  if is_exact(spec) and is_exact(p_spec):
     return exact
-  p_pruned = lax.stop_gradient(spec.prune_reference(p)).astype(jnp.float32)
+  p_pruned = lax.stop_gradient(p if is_exact(p_spec) else p_spec.prune_reference(p))
+  p_pruned = p_pruned.astype(jnp.float32)
   # A map that is linear in the logits with Jacobian diag(p~) - p~ p~^T (symmetric), the
   # softmax Jacobian at the pruned probabilities.
   l32 = logits.astype(jnp.float32)
   lin = p_pruned * l32 - p_pruned * jnp.sum(p_pruned * l32, axis=-1, keepdims=True)
   p_st = with_value_of(p_pruned, lin).astype(p.dtype)
-  v_st = _straight_through(v, spec.prune_reference(v, 2))
+  v_st = v if is_exact(spec) else _straight_through(v, spec.prune_reference(v, 2))
   return with_value_of(exact, _pv_plain(p_st, v_st, precision))
 
 

@@ -21,8 +21,11 @@ from razor_jax.ops import ESTIMATORS, GELU_FORMATS, PackSpec
 
 DEFAULT_PRUNE_RATIO = 0.9  # the paper's
 # Kinds of op a policy can set apart. "attention" covers QK^T and softmax(.)V; the
-# q/k/v/out projections are "dense".
-OP_TYPES = ("dense", "attention", "layer_norm", "conv")
+# q/k/v/out projections are "dense". "softmax" is the attention probabilities that
+# softmax(.)V saves (its V stays "attention"); unset, it follows "attention".
+OP_TYPES = ("dense", "attention", "softmax", "layer_norm", "conv")
+# Op types that take another's setting where the policy leaves them unset.
+_FALLBACK = {"softmax": "attention"}
 GELU_STORAGES = ("auto",) + GELU_FORMATS
 # How a LayerNorm that feeds projections is pruned (see `Policy.layer_norm_mode`).
 LAYER_NORM_MODES = ("fused", "separate")
@@ -59,7 +62,8 @@ class Policy:
       that many bits), "bfloat16" / "float16" (its input in that dtype; "float16" is the
       original code's) or None (exact).
     ratios: per-op-type prune ratios overriding `prune_ratio`, as ((op_type, ratio), ...);
-      build it with `Policy.make(..., attention=0.0)`.
+      build it with `Policy.make(..., attention=0.0)`. "softmax" (the attention
+      probabilities) takes "attention"'s ratio unless set itself.
     keep_rule: "exact_k" (K = round((1 - ratio) n) kept, ties broken by position) or
       "threshold" (the original code's: every |a| >= the floor(n ratio)-th smallest,
       ties kept; granularity "sample"). See `packed.keep_count`.
@@ -73,7 +77,8 @@ class Policy:
       while the separate copies raise the compiled train step from 17.7 to 28.3 MiB
       (with the rest of `Policy.paper`); README, "The original code's semantics".
     value_formats: per-op-type value formats overriding `value_format`, as
-      ((op_type, format), ...) (the paper preset keeps LayerNorm inputs in float32).
+      ((op_type, format), ...) (the paper preset keeps LayerNorm inputs in float32);
+      "softmax" takes "attention"'s unless set itself.
     estimator: "none" (weight gradients from the pruned copy, the paper's rule) or
       "energy" (that copy scaled per group by |a|^2 / |a_kept|^2 for weight gradients
       only; one float32 per group more). See `ops.PackSpec`.
@@ -143,17 +148,23 @@ class Policy:
     fields.update(kwargs)
     return cls(prune_ratio=prune_ratio, **fields)
 
-  def ratio(self, op_type: str) -> float:
+  def _setting(self, per_op: tuple, op_type: str, default):
     if op_type not in OP_TYPES:
       raise ValueError(f"unknown op type {op_type!r}; expected one of {OP_TYPES}")
-    return dict(self.ratios).get(op_type, self.prune_ratio)
+    per_op = dict(per_op)
+    while op_type not in per_op and op_type in _FALLBACK:
+      op_type = _FALLBACK[op_type]
+    return per_op.get(op_type, default)
+
+  def ratio(self, op_type: str) -> float:
+    return self._setting(self.ratios, op_type, self.prune_ratio)
 
   def spec(self, op_type: str) -> Optional[PackSpec]:
     """The PackSpec for `op_type`, or None where that op runs exactly."""
     ratio = self.ratio(op_type)
     if ratio == 0.0:
       return None
-    value_format = dict(self.value_formats).get(op_type, self.value_format)
+    value_format = self._setting(self.value_formats, op_type, self.value_format)
     return PackSpec(ratio, self.granularity, value_format, self.position_format, self.keep_rule,
                     self.estimator)
 

@@ -104,6 +104,28 @@ def test_softmax_attend(ratio, granularity, dtype):
             lambda l, v: ops.softmax_attend(l, v, None), (logits, v), dtype)
 
 
+@pytest.mark.parametrize("p_spec,v_spec", [
+    (PackSpec(0.7, value_format="log4"), PackSpec(0.8, value_format="sign")),
+    (None, PackSpec(0.9)),  # probabilities exact, v pruned
+    (PackSpec(0.9), None),  # v exact, probabilities pruned
+])
+def test_softmax_attend_prunes_probabilities_by_their_own_spec(p_spec, v_spec):
+  """p_spec (the policy's "softmax" op type) prunes p; spec prunes v."""
+  logits, v = _rand(0, (2, 3, 5, 34), jnp.float32, 2.0), _rand(1, (2, 34, 3, 40), jnp.float32)
+  grads = _check_op(lambda l, v: ops.softmax_attend(l, v, v_spec, p_spec=p_spec),
+                    lambda l, v: ops.softmax_attend_reference(l, v, v_spec, p_spec=p_spec),
+                    lambda l, v: ops.softmax_attend(l, v, None), (logits, v), jnp.float32)
+  # Each side's gradient is the one its own spec gives: exact where that spec is None.
+  shared = jax.vjp(lambda l, v: ops.softmax_attend_reference(l, v, v_spec or p_spec), logits, v)
+  exact = jax.vjp(lambda l, v: ops.softmax_attend(l, v, None), logits, v)
+  cot = _rand(99, shared[0].shape, jnp.float32)
+  d_shared, d_exact = shared[1](cot), exact[1](cot)
+  # dv reads p only: exact p gives the exact dv.
+  if p_spec is None:
+    np.testing.assert_allclose(grads[1], d_exact[1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(grads[0], d_shared[0], atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("ratio", RATIOS)

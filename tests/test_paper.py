@@ -147,6 +147,14 @@ def test_paper_preset_from_the_command_line():
                                              value_formats=(("attention", "log4"),))
   assert setup.make_policy(config).spec("attention").value_format == "log4"
   assert setup.make_policy(config).spec("dense").value_format == "sign"
+  # The attention probabilities set apart: their own ratio and format.
+  config, _ = cli.parse(["--config", "demo", "--config.prune_ratio=0.8",
+                         "--config.policy.softmax=0.7", "--config.policy.value_format=sign",
+                         "--config.policy.value_formats=softmax:log4", "--workdir", "unused"],
+                        configs)
+  policy = setup.make_policy(config)
+  assert (policy.ratio("attention"), policy.ratio("softmax")) == (0.8, 0.7)
+  assert [policy.spec(t).value_format for t in ("attention", "softmax")] == ["sign", "log4"]
   for bad, match in (("attention=log4", "op:format"), ("gelu:log4", "unknown op type 'gelu'"),
                      ("attention:log3", "value_format must be one of")):
     config, _ = cli.parse(["--config", "demo", f"--config.policy.value_formats={bad}",

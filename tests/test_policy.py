@@ -41,8 +41,16 @@ def test_resolve_defaults_to_the_papers_ratio_and_takes_one_knob():
 
 def test_per_op_ratios_and_their_errors():
   policy = Policy.make(0.9, attention=0.0, layer_norm=0.5)
-  assert [policy.ratio(t) for t in OP_TYPES] == [0.9, 0.0, 0.5, 0.9]
+  # "softmax" (the attention probabilities) follows "attention" unless set itself.
+  assert [policy.ratio(t) for t in OP_TYPES] == [0.9, 0.0, 0.0, 0.5, 0.9]
   assert policy.spec("attention") is None and policy.spec("layer_norm").prune_ratio == 0.5
+  own = Policy.make(0.8, softmax=0.9, value_format="sign",
+                    value_formats=(("attention", "log4"), ("softmax", "int8")))
+  assert (own.ratio("attention"), own.ratio("softmax")) == (0.8, 0.9)
+  assert [own.spec(t).value_format for t in ("dense", "attention", "softmax")] == [
+      "sign", "log4", "int8"]
+  follows = Policy(0.8, value_formats=(("attention", "sign"),))
+  assert follows.spec("softmax").value_format == "sign"
   with pytest.raises(ValueError, match="unknown op type 'mlp' in a policy"):
     Policy.make(0.9, ratios={"mlp": 0.5})
   with pytest.raises(ValueError, match=r"prune ratio for 'dense' must be in \[0, 1\)"):

@@ -265,6 +265,7 @@ def test_save_npz_round_trips(tmp_path):
      r"model.patch_size=4 only apply to the ViT, but model.name='tiny_cnn'"),
     (dict(model=dict(scan=False)), r"model.scan=False only apply to the ViT"),
     (dict(policy=dict(attention=0.0)), r"policy.attention=0.0 only apply to the ViT"),
+    (dict(policy=dict(softmax=0.5)), r"policy.softmax=0.5 only apply to the ViT"),
     (dict(model=dict(width=0.5)), r"model.width=0.5 is MobileNetV2's width multiplier"),
     (dict(model=dict(batch_norm="eval")),
      r"model.batch_norm must be one of \('train', 'frozen', 'fixed'\) \(or unset\), got 'eval'"),

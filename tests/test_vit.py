@@ -134,6 +134,29 @@ def test_policy_keeps_attention_exact():
       k: n for k, n in kept.items() if k not in (probabilities, heads)}
 
 
+def test_policy_sets_the_softmax_probabilities_apart():
+  """The "softmax" op type prunes the attention probabilities only, with its own ratio and
+  value format; q, k and v keep "attention"'s."""
+  _, ref_params = reference_params()
+  params, images, labels = stack_blocks(ref_params, 2), make_images(), jnp.array([1, 2, 3])
+  seen = collections.defaultdict(set)
+  original = packed.pack
+
+  def recording(x, prune_ratio, granularity="sample", **kwargs):
+    seen[tuple(x.shape)].add((prune_ratio, kwargs.get("value_format")))
+    return original(x, prune_ratio, granularity, **kwargs)
+
+  policy = Policy.make(0.8, softmax=0.7, value_format="sign",
+                       value_formats=(("softmax", "log4"),))
+  with mock.patch.object(packed, "pack", recording):
+    jax.eval_shape(jax.grad(loss_fn(vit.ViT(10, policy=policy, **TINY), images, labels)), params)
+  assert seen[(3, 4, 17, 17)] == {(0.7, "log4")}  # the probabilities
+  assert seen[(3, 17, 4, 8)] == {(0.8, "sign")}  # q, k, v (and the out projection's input)
+  exact_probabilities = Policy.make(0.8, softmax=0.0)
+  counts = _packed(vit.ViT(10, policy=exact_probabilities, **TINY), params, images, labels)
+  assert not any(shape == (3, 4, 17, 17) for shape, _ in counts)
+
+
 def test_dropout_is_active_in_training_only():
   _, ref_params = reference_params()
   params, images = stack_blocks(ref_params, 2), make_images()

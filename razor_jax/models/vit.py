@@ -159,7 +159,7 @@ class Encoder1DBlock(nn.Module):
                                dtype)
     q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
     logits = ops.attention_logits(q, k, attn_spec)
-    y = ops.softmax_attend(logits, v, attn_spec)
+    y = ops.softmax_attend(logits, v, attn_spec, p_spec=policy.spec("softmax"))
     y = ops.dense_general(y, out_k, out_b, dense_spec, axis=(-2, -1))
     x = dropout(y) + x
 

@@ -94,6 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Per op type (unset = prune_ratio): qkv/out projections and MLP layers (a CNN's classifier).
   config.policy.dense = config_dict.placeholder(float)
   config.policy.attention = config_dict.placeholder(float)  # QK^T and softmax(.)V (ViT only)
+  # The attention probabilities softmax(.)V saves (unset = attention's ratio).
+  config.policy.softmax = config_dict.placeholder(float)
   # Layer norms (a CNN's train-mode BatchNorms).
   config.policy.layer_norm = config_dict.placeholder(float)
   config.policy.conv = config_dict.placeholder(float)  # a CNN's convolutions (CNNs only)

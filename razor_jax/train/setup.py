@@ -125,8 +125,9 @@ def _check_cnn(config):
   defaults = train_config.get_config()
   vit_only = [f"model.{k}={model[k]!r}" for k in train_config.VIT_FIELDS
               if model[k] != defaults.model[k]]
-  if config.policy.attention is not None:
-    vit_only.append(f"policy.attention={config.policy.attention!r}")
+  for op_type in ("attention", "softmax"):
+    if config.policy[op_type] is not None:
+      vit_only.append(f"policy.{op_type}={config.policy[op_type]!r}")
   if vit_only:
     raise ConfigError(f"{', '.join(vit_only)} only apply to the ViT, but model.name={name!r}"
                       f" (a CNN); leave them at their defaults (CNN fields:"
@@ -153,10 +154,10 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-# The op types a run can set apart: a ViT's dense, attention and layer_norm (its patch
-# embedding, a conv, stays exact); a CNN's conv, dense (the classifier) and layer_norm
-# (train-mode BatchNorm).
-POLICY_OP_TYPES = ("dense", "attention", "layer_norm", "conv")
+# The op types a run can set apart: a ViT's dense, attention (softmax: its probabilities)
+# and layer_norm (its patch embedding, a conv, stays exact); a CNN's conv, dense (the
+# classifier) and layer_norm (train-mode BatchNorm).
+POLICY_OP_TYPES = ("dense", "attention", "softmax", "layer_norm", "conv")
 POLICY_PRESETS = ("default", "paper")
 
 

@@ -50,6 +50,9 @@ FIDELITY_METHODS = {
     # ... with only the softmax probabilities in 4 bits (their sign carries nothing).
     "razor@0.8 sign + softmax log4": {"prune_ratio": 0.8, "policy": {
         "value_format": "sign", "value_formats": "softmax:log4"}},
+    # ... the same levels in 3 bits (the probabilities' sign bit dropped): the same gradients.
+    "razor@0.8 sign + softmax ulog3": {"prune_ratio": 0.8, "policy": {
+        "value_format": "sign", "value_formats": "softmax:ulog3"}},
 }
 SEEDS = (0, 1, 2)
 # Peak learning rates: the demo's for SGD (momentum 0.9); Adam's usual fine-tuning scale.

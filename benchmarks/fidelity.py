@@ -66,6 +66,10 @@ POLICIES = {
     "default at 0.8": Policy(0.8),
     "sign values at 0.8, attention log4": Policy(0.8, value_format="sign",
                                                    value_formats=(("attention", "log4"),)),
+    # Only the softmax probabilities (never negative) keep magnitudes: log4's levels in 3
+    # bits, the same gradients as log4 there.
+    "sign values at 0.8, softmax ulog3": Policy(0.8, value_format="sign",
+                                                  value_formats=(("softmax", "ulog3"),)),
 }
 # What the memory stage compiles: case -> (variant, batch, image size, classes, policies).
 # ViT-B/16 compiles take minutes each on a busy CPU, so fewer policies there.
@@ -74,10 +78,11 @@ MEMORY_CASES = {
         "full", "paper preset (Policy.paper)", "paper preset, fused LayerNorm",
         "per-sample groups (the paper's grouping)", "default (token rows, log4)",
         "per-sample groups + energy", "sign values at 0.9", "sign values at 0.85",
-        "sign values at 0.8", "default at 0.8")),
+        "sign values at 0.8", "default at 0.8", "sign values at 0.8, softmax ulog3")),
     "ViT-B/16, batch 32, 224 px": ("B/16", 32, 224, 100, (
         "paper preset (Policy.paper)", "per-sample groups (the paper's grouping)",
-        "default (token rows, log4)", "sign values at 0.8", "default at 0.8")),
+        "default (token rows, log4)", "sign values at 0.8", "default at 0.8",
+        "sign values at 0.8, softmax ulog3")),
 }
 NEGLIGIBLE = 1e-6  # of the largest parameter's exact gradient norm
 # Transfer tasks: label -> (config in experiments/configs, results file).
@@ -88,7 +93,8 @@ TASK_CONFIGS = tuple(config for config, _ in TASKS.values())
 ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 sample",
                     "razor@0.9 sample energy", "razor@0.9 attention 0.5",
                     "razor@0.9 attention 0.8", "razor@0.8", "razor@0.8 sign",
-                    "razor@0.8 sign + attention log4", "razor@0.8 sign + softmax log4")
+                    "razor@0.8 sign + attention log4", "razor@0.8 sign + softmax log4",
+                    "razor@0.8 sign + softmax ulog3")
 ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2),
                       methods=ACCURACY_METHODS, tasks=TASK_CONFIGS)
 

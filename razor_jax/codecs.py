@@ -14,7 +14,8 @@ per row (`row_ef_encode`, about 0.55 bits per element at 10% kept) or as b-bit
 indices in bit planes, and their values in 1 bit (`encode_sign`: the sign, with one
 mean magnitude per row), in 4 bits (`encode_log4`: sign and a 3-bit level, zero or one
 of 7 steps of a geometric scale between the row's smallest and largest kept magnitude,
-which at 10% kept span a narrow range), int8 or bfloat16.
+which at 10% kept span a narrow range), in 3 bits where rows are never negative
+(`encode_ulog3`: log4's level alone), int8 or bfloat16.
 Their codes are built by reductions over the few words of a row rather than by
 scatters or prefix sums: on GPU each pass over an activation is a kernel launch.
 
@@ -430,6 +431,34 @@ def _set_bit_indices_by_count(upper: jax.Array, k: int) -> jax.Array:
   return word * 32 + select_in_word(jnp.take_along_axis(upper, word, axis=1), i - start)
 
 
+def _log_levels(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each kept magnitude's level, 0 (an exact zero) or 1..7 on the row's geometric scale.
+
+  Level q in 1..7 stands for lo * (hi / lo) ** ((q - 1) / 6), with lo and hi the row's
+  smallest nonzero and largest kept magnitude (rounded to bfloat16), rounded to the
+  nearest level in log space. Returns (uint8 levels, bfloat16 (rows, 2) [lo, hi]).
+  """
+  a = jnp.abs(kept).astype(jnp.float32)
+  hi = jnp.max(a, axis=1)
+  lo = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1)
+  lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
+  ends = jnp.stack([lo, hi], axis=1).astype(jnp.bfloat16)
+  lo, hi = ends[:, 0].astype(jnp.float32), ends[:, 1].astype(jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+  step = jnp.log(jnp.maximum(hi, tiny) / jnp.maximum(lo, tiny)) / 6.0
+  level = jnp.log(jnp.maximum(a, tiny) / jnp.maximum(lo, tiny)[:, None])
+  q = jnp.clip(jnp.round(level / jnp.where(step > 0, step, 1.0)[:, None]), 0, 6) + 1
+  return jnp.where(a > 0, q, 0).astype(jnp.uint8), ends
+
+
+def _level_magnitudes(level: jax.Array, ends: jax.Array) -> jax.Array:
+  """float32 magnitudes of `_log_levels`' levels (int, any width) and row ends."""
+  lo, hi = ends[:, 0:1].astype(jnp.float32), ends[:, 1:2].astype(jnp.float32)
+  ratio = jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), 1.0)
+  level = level.astype(jnp.float32)
+  return jnp.where(level > 0, lo * ratio ** ((level - 1.0) / 6.0), 0.0)
+
+
 def encode_log4(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
   """4 bits per kept value: its sign and a 3-bit level on a geometric scale per row.
 
@@ -443,17 +472,7 @@ def encode_log4(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
     (uint8 (rows, ceil(K / 2)): two codes a byte, low nibble first;
      bfloat16 (rows, 2): [lo, hi]).
   """
-  a = jnp.abs(kept).astype(jnp.float32)
-  hi = jnp.max(a, axis=1)
-  lo = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1)
-  lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
-  ends = jnp.stack([lo, hi], axis=1).astype(jnp.bfloat16)
-  lo, hi = ends[:, 0].astype(jnp.float32), ends[:, 1].astype(jnp.float32)
-  tiny = jnp.finfo(jnp.float32).tiny
-  step = jnp.log(jnp.maximum(hi, tiny) / jnp.maximum(lo, tiny)) / 6.0
-  level = jnp.log(jnp.maximum(a, tiny) / jnp.maximum(lo, tiny)[:, None])
-  q = jnp.clip(jnp.round(level / jnp.where(step > 0, step, 1.0)[:, None]), 0, 6) + 1
-  q = jnp.where(a > 0, q, 0).astype(jnp.uint8)
+  q, ends = _log_levels(kept)
   code = q | (jnp.signbit(kept).astype(jnp.uint8) << 3)
   code = jnp.pad(code, ((0, 0), (0, code.shape[1] % 2)))
   return code[:, 0::2] | (code[:, 1::2] << 4), ends
@@ -462,11 +481,29 @@ def encode_log4(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
 def decode_log4(codes: jax.Array, ends: jax.Array, k: int) -> jax.Array:
   """float32 (rows, K) from `encode_log4`'s codes and row ends."""
   both = jnp.stack([codes & 15, codes >> 4], axis=2).reshape(codes.shape[0], -1)[:, :k]
-  lo, hi = ends[:, 0:1].astype(jnp.float32), ends[:, 1:2].astype(jnp.float32)
-  ratio = jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), 1.0)
-  level = (both & 7).astype(jnp.float32)
-  magnitude = jnp.where(level > 0, lo * ratio ** ((level - 1.0) / 6.0), 0.0)
+  magnitude = _level_magnitudes(both & 7, ends)
   return jnp.where((both & 8) != 0, -magnitude, magnitude)
+
+
+def encode_ulog3(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """3 bits per kept magnitude: `encode_log4`'s level without its sign bit.
+
+  For rows that are never negative (softmax probabilities), whose sign bit carries
+  nothing: they decode to what log4 decodes, in three quarters of its value bits. A
+  negative value is stored as its magnitude (the sign is dropped), so `Policy` allows
+  it only for the "softmax" op type.
+
+  Returns:
+    (uint8 (rows, 3 * ceil(K / 8)): the levels in `pack_planes`' layout;
+     bfloat16 (rows, 2): [lo, hi]).
+  """
+  q, ends = _log_levels(kept)
+  return pack_planes(q, 3), ends
+
+
+def decode_ulog3(codes: jax.Array, ends: jax.Array, k: int) -> jax.Array:
+  """float32 (rows, K) magnitudes from `encode_ulog3`'s levels and row ends."""
+  return _level_magnitudes(unpack_planes(codes, 3, k), ends)
 
 
 def encode_sign(kept: jax.Array) -> tuple[jax.Array, jax.Array]:

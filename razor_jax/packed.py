@@ -39,10 +39,12 @@ GRANULARITIES = ("sample", "token")
 # code's rule: num_small = clip(floor(n ratio), 1, n), keep |a| >= the num_small-th
 # smallest |a| of the group, ties included (sample groups only).
 KEEP_RULES = ("exact_k", "threshold")
-VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8", "log4", "sign")
+VALUE_FORMATS = ("auto", "bfloat16", "float16", "float32", "int8", "log4", "sign", "ulog3")
 POSITION_FORMATS = ("auto", "bitmask", "indices", "elias_fano")
 # What token rows accept ("auto" first: it resolves to the next one).
-ROW_VALUE_FORMATS = ("auto", "log4", "sign", "int8", "bfloat16", "float16", "float32")
+ROW_VALUE_FORMATS = ("auto", "log4", "sign", "ulog3", "int8", "bfloat16", "float16", "float32")
+# Row formats that drop the sign: only for rows that are never negative (probabilities).
+UNSIGNED_VALUE_FORMATS = ("ulog3",)
 ROW_POSITION_FORMATS = ("auto", "elias_fano", "indices")
 
 
@@ -231,7 +233,7 @@ def check_formats(granularity: str, value_format: str, position_format: str):
     if position_format not in ROW_POSITION_FORMATS:
       raise ValueError(f"token rows store positions as one of {ROW_POSITION_FORMATS}, got"
                        f" position_format={position_format!r}")
-  elif value_format in ("log4", "sign"):
+  elif value_format in ("log4", "sign", "ulog3"):
     raise ValueError(f"value_format={value_format!r} codes token rows (granularity='token');"
                      " sample groups store 'bfloat16', 'int8', 'float16' or 'float32'")
 
@@ -266,6 +268,8 @@ def _pack_rows(x, prune_ratio: float, row_ndim: int, value_format: str,
     parts += list(codecs.encode_log4(kept))
   elif value_format == "sign":
     parts += list(codecs.encode_sign(kept))
+  elif value_format == "ulog3":
+    parts += list(codecs.encode_ulog3(kept))
   elif value_format == "int8":
     parts += list(codecs.encode_int8(kept))
   else:
@@ -281,6 +285,8 @@ def _row_values(packed: RowPacked, parts) -> jax.Array:
     return codecs.decode_log4(parts[1], parts[2], packed.k)
   if packed.value_format == "sign":
     return codecs.decode_sign(parts[1], parts[2], packed.k)
+  if packed.value_format == "ulog3":
+    return codecs.decode_ulog3(parts[1], parts[2], packed.k)
   if packed.value_format == "int8":
     return codecs.decode_int8(parts[1], parts[2], jnp.float32)
   return parts[1]
@@ -334,7 +340,9 @@ def pack(x: jax.Array, prune_ratio: float, granularity: str = "sample", *,
       input, else "bfloat16"), "bfloat16" (bfloat16 numbers in 15 bits), "float16",
       "float32" or "int8" (with a per-group float32 scale). Token rows: "auto"
       (= "log4", 4 bits), "log4", "sign" (1 bit: the sign, with the row's mean
-      kept magnitude), "int8", "bfloat16", "float16", "float32".
+      kept magnitude), "ulog3" (3 bits: log4's level without the sign, for rows that
+      are never negative; a negative value is stored as its magnitude), "int8",
+      "bfloat16", "float16", "float32".
     position_format: sample groups: "auto" (the smaller of "bitmask" and "indices"),
       "bitmask", "indices" or "elias_fano". Token rows: "auto" (= "elias_fano") or
       "indices" (b-bit indices).
@@ -488,6 +496,8 @@ def prune_reference(x: jax.Array, prune_ratio: float, granularity: str = "sample
     out = jnp.clip(jnp.round(kept / scale), -127, 127) * scale
   elif value_format == "log4":
     out = _log4_reference(kept, mask)
+  elif value_format == "ulog3":
+    out = jnp.abs(_log4_reference(kept, mask))
   elif value_format == "sign":
     # One magnitude per row, the mean of the K kept (bfloat16), with each one's sign;
     # averaged over the K gathered in position order, as the codec does, so that the

@@ -54,7 +54,8 @@ class Policy:
     value_format: storage of kept values: "auto" (token rows: 4-bit "log4"; sample
       groups: bfloat16 in 15 bits, float16 for float16 inputs), "log4" (rows only),
       "sign" (rows only: 1 bit, the sign, with one mean magnitude per row), "int8",
-      "bfloat16", "float16", "float32".
+      "bfloat16", "float16", "float32"; "ulog3" (rows only: log4 without the sign bit)
+      only in `value_formats`, for "softmax".
     position_format: "auto" (rows: "elias_fano"; groups: bitmask or indices,
       whichever is smaller), "elias_fano", "indices", "bitmask" (groups only).
     gelu_storage: what GELU keeps for its backward: "auto" (exact when the policy
@@ -119,6 +120,15 @@ class Policy:
       if op_type not in OP_TYPES:
         raise ValueError(f"unknown op type {op_type!r} in value_formats; expected one of"
                          f" {OP_TYPES}")
+    # Formats that drop the sign fit only rows that are never negative: probabilities.
+    unsigned = [(op, f) for op, f in (("every op type (value_format)", self.value_format),
+                                      *self.value_formats)
+                if f in packed.UNSIGNED_VALUE_FORMATS and op != "softmax"]
+    if unsigned:
+      op, value_format = unsigned[0]
+      raise ValueError(f"value_format {value_format!r} drops the sign, so it fits only the"
+                       f" attention probabilities (op type 'softmax'), got it for {op}: use"
+                       f" value_formats=(('softmax', {value_format!r}),)")
     # Validates value_format and position_format once, here.
     for value_format in {self.value_format, *dict(self.value_formats).values()}:
       PackSpec(self.prune_ratio, self.granularity, value_format, self.position_format)

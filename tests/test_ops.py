@@ -106,6 +106,7 @@ def test_softmax_attend(ratio, granularity, dtype):
 
 @pytest.mark.parametrize("p_spec,v_spec", [
     (PackSpec(0.7, value_format="log4"), PackSpec(0.8, value_format="sign")),
+    (PackSpec(0.8, value_format="ulog3"), PackSpec(0.8, value_format="sign")),
     (None, PackSpec(0.9)),  # probabilities exact, v pruned
     (PackSpec(0.9), None),  # v exact, probabilities pruned
 ])

@@ -51,6 +51,11 @@ def test_per_op_ratios_and_their_errors():
       "sign", "log4", "int8"]
   follows = Policy(0.8, value_formats=(("attention", "sign"),))
   assert follows.spec("softmax").value_format == "sign"
+  # A format without the sign fits the probabilities only.
+  assert Policy(0.8, value_formats=(("softmax", "ulog3"),)).spec("softmax").value_format == "ulog3"
+  for bad in (dict(value_format="ulog3"), dict(value_formats=(("attention", "ulog3"),))):
+    with pytest.raises(ValueError, match="'ulog3' drops the sign, so it fits only the attention"):
+      Policy(0.8, **bad)
   with pytest.raises(ValueError, match="unknown op type 'mlp' in a policy"):
     Policy.make(0.9, ratios={"mlp": 0.5})
   with pytest.raises(ValueError, match=r"prune ratio for 'dense' must be in \[0, 1\)"):

@@ -152,6 +152,11 @@ def test_policy_sets_the_softmax_probabilities_apart():
     jax.eval_shape(jax.grad(loss_fn(vit.ViT(10, policy=policy, **TINY), images, labels)), params)
   assert seen[(3, 4, 17, 17)] == {(0.7, "log4")}  # the probabilities
   assert seen[(3, 17, 4, 8)] == {(0.8, "sign")}  # q, k, v (and the out projection's input)
+  # Probabilities in 3 unsigned bits give log4's gradients exactly (they are never negative).
+  grads = [jax.jit(jax.grad(loss_fn(vit.ViT(10, policy=Policy(
+      0.8, value_format="sign", value_formats=(("softmax", f),)), **TINY), images, labels)))(
+          params) for f in ("log4", "ulog3")]
+  chex.assert_trees_all_equal(*grads)
   exact_probabilities = Policy.make(0.8, softmax=0.0)
   counts = _packed(vit.ViT(10, policy=exact_probabilities, **TINY), params, images, labels)
   assert not any(shape == (3, 4, 17, 17) for shape, _ in counts)

@@ -107,8 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Kept values: "auto" (token rows: 4-bit "log4"; sample groups: bf16 in 15 bits), "sign"
   # (token rows: 1 bit and a mean magnitude per row), "int8", ...
   config.policy.value_format = "auto"
-  # Per op type, "op:format" items joined by ";" (e.g. "attention:log4"): that op type's
-  # kept values in that format instead of value_format's.
+  # Per op type, "op:format" items joined by ";" (e.g. "attention:log4", or
+  # "softmax:ulog3": the attention probabilities in log4's levels without the sign bit):
+  # that op type's kept values in that format instead of value_format's.
   config.policy.value_formats = ""
   # Kept positions: "auto" (rows: "elias_fano"; groups: bitmask or indices), "indices", ...
   config.policy.position_format = "auto"

@@ -49,9 +49,9 @@ def copy_ratios(q: float, k: float, p: float, v: float, head_rows: bool = False)
            dataclasses.replace(spec, prune_ratio=k).pack(k_, row_ndim))
     return barriers.depend(ops._qk_plain(q_, k_, precision), res), res  # pylint: disable=protected-access
 
-  def pv_fwd(logits, v_, spec, precision, softmax_in_float32):
+  def pv_fwd(logits, v_, spec, p_spec, precision, softmax_in_float32):
     probs = ops._softmax(logits, v_.dtype, softmax_in_float32)  # pylint: disable=protected-access
-    res = (dataclasses.replace(spec, prune_ratio=p).pack(probs),
+    res = (dataclasses.replace(p_spec or spec, prune_ratio=p).pack(probs),
            dataclasses.replace(spec, prune_ratio=v).pack(v_, row_ndim),
            jnp.zeros((0,), logits.dtype))
     return barriers.depend(ops._pv_plain(probs, v_, precision), res[:2]), res  # pylint: disable=protected-access

@@ -357,6 +357,11 @@ def _pv_plain(p, v, precision):
 SAME = "same"
 
 
+def _probability_spec(spec, p_spec):
+  """The spec that prunes softmax(.)V's probabilities: `p_spec`, or `spec` for SAME."""
+  return spec if isinstance(p_spec, str) and p_spec == SAME else p_spec
+
+
 def _pack_or_keep(spec, x, row_ndim=1):
   return x if spec is None else spec.pack(x, row_ndim)
 
@@ -401,7 +406,7 @@ def softmax_attend(logits, v, spec: Optional[PackSpec], precision=None,
   `spec` prunes v and, unless `p_spec` says otherwise (a PackSpec, or None to keep the
   probabilities exact), the probabilities p: the policy's "softmax" op type.
   """
-  p_spec = spec if isinstance(p_spec, str) and p_spec == SAME else p_spec
+  p_spec = _probability_spec(spec, p_spec)
   check_packable(spec, logits=logits, v=v)
   check_packable(p_spec, logits=logits)
   if is_exact(spec) and is_exact(p_spec):
@@ -412,7 +417,7 @@ def softmax_attend(logits, v, spec: Optional[PackSpec], precision=None,
 
 def softmax_attend_reference(logits, v, spec: Optional[PackSpec], precision=None,
                              softmax_in_float32: bool = False, p_spec=SAME):
-  p_spec = spec if isinstance(p_spec, str) and p_spec == SAME else p_spec
+  p_spec = _probability_spec(spec, p_spec)
   p = _softmax(logits, v.dtype, softmax_in_float32)
   exact = _pv_plain(p, v, precision)
   if is_exact(spec) and is_exact(p_spec):

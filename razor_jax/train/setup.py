@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from razor_jax.policy import Policy
+from razor_jax.policy import OP_TYPES, Policy
 from razor_jax.train import checkpoint, sharding
 from razor_jax.train import config as train_config
 from razor_jax.train.step import TrainState, make_eval_step, make_optimizer, make_train_step
@@ -154,10 +154,10 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-# The op types a run can set apart: a ViT's dense, attention (softmax: its probabilities)
-# and layer_norm (its patch embedding, a conv, stays exact); a CNN's conv, dense (the
-# classifier) and layer_norm (train-mode BatchNorm).
-POLICY_OP_TYPES = ("dense", "attention", "softmax", "layer_norm", "conv")
+# The op types a run can set apart, each a config.policy field: a ViT's dense, attention
+# (softmax: its probabilities) and layer_norm (its patch embedding, a conv, stays exact);
+# a CNN's conv, dense (the classifier) and layer_norm (train-mode BatchNorm).
+POLICY_OP_TYPES = OP_TYPES
 POLICY_PRESETS = ("default", "paper")
 
 

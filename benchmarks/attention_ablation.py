@@ -74,7 +74,7 @@ def measure(batches: int = 2, say=print) -> dict:
   out = {}
   for label, ratios in CASES.items():
     with copy_ratios(*ratios):
-      out[label] = fidelity.compare_policy(Policy(0.9), *inputs)
+      out[label] = fidelity.compare_policy(Policy(0.9, value_format="log4"), *inputs)
     say(f"{label}: {out[label]}")
   return out
 

@@ -147,8 +147,8 @@ def razorize(prune_ratio: Optional[float] = None, *, policy: Optional[Policy] = 
   also works).
 
   Args:
-    prune_ratio: fraction of each activation pruned, in [0, 1); 0.9 when neither
-      argument is given. 0 keeps every gradient exact (plain fine-tuning).
+    prune_ratio: fraction of each activation pruned, in [0, 1); `Policy()` (0.8)
+      when neither argument is given. 0 keeps every gradient exact (plain fine-tuning).
     policy: a `Policy` (per-op-type ratios, storage formats) instead of a ratio.
   Returns:
     A context manager; `with razorize(...) as policy:` gives the Policy in force.

@@ -3,8 +3,8 @@
 Each layer subclasses its flax twin and keeps its fields, parameter names, shapes,
 initialisation and call signature, so params made by the flax layer load unchanged
 and the forward output is bit-identical. `RazorModule` adds the two fields they all
-share, `prune_ratio` and `policy` (one of them at most; 0.9 when neither is given,
-see `razor_jax.policy`), and dispatches each call: where the policy prunes nothing
+share, `prune_ratio` and `policy` (one of them at most; `Policy()`, 0.8, when neither is
+given, see `razor_jax.policy`), and dispatches each call: where the policy prunes nothing
 the layer has, it runs flax's own code.
 
 flax names an unnamed submodule after its class, so a RazorDense in a compact
@@ -88,7 +88,7 @@ class RazorModule(nn.Module):
 
   Attributes:
     prune_ratio: fraction of each activation dropped from its stored copy, in [0, 1);
-      0 = exact. None (the default): 0.9, or the policy's.
+      0 = exact. None (the default): 0.8, or the policy's.
     policy: a Policy (per-op-type ratios, storage formats) instead of a prune_ratio.
   """
   prune_ratio: Optional[float] = None

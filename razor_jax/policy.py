@@ -4,7 +4,8 @@ The layers (`razor_jax.layers`), the ViT (`razor_jax.models.vit.ViT`) and
 `razorize()` take the same two arguments, resolved here by `resolve`:
 
   prune_ratio  the fraction of each saved activation that is pruned, in [0, 1);
-               0.9 (the paper's default) when neither argument is given. 0 is
+               0.8 when neither argument is given (the paper's is 0.9; README,
+               "The default policy"). 0 is
                plain fine-tuning: every gradient exact, GELU's included.
   policy       a `Policy`, for per-op-type ratios or other storage formats. It
                carries its own ratio, so passing both is an error.
@@ -19,7 +20,8 @@ import jax
 from razor_jax import packed
 from razor_jax.ops import ESTIMATORS, GELU_FORMATS, PackSpec
 
-DEFAULT_PRUNE_RATIO = 0.9  # the paper's
+# Chosen by transfer accuracy and GPU memory (README, "The default policy"); the paper's is 0.9.
+DEFAULT_PRUNE_RATIO = 0.8
 # Kinds of op a policy can set apart. "attention" covers QK^T and softmax(.)V; the
 # q/k/v/out projections are "dense". "softmax" is the attention probabilities that
 # softmax(.)V saves (its V stays "attention"); unset, it follows "attention".
@@ -27,6 +29,15 @@ OP_TYPES = ("dense", "attention", "softmax", "layer_norm", "conv")
 # Op types that take another's setting where the policy leaves them unset.
 _FALLBACK = {"softmax": "attention"}
 GELU_STORAGES = ("auto",) + GELU_FORMATS
+# What value_format="auto" stores on token rows, per op type (other op types: "sign" at
+# AUTO_SIGN_MIN_RATIO and above, "log4" below). The attention probabilities keep
+# magnitudes in 3 bits (they are never negative); a convolution's image rows keep 4-bit
+# levels (the CNNs were measured with them); the rest keep each value's sign and one mean
+# magnitude per row. README, "The default policy".
+AUTO_ROW_VALUE_FORMATS = {"softmax": "ulog3", "conv": "log4"}
+# One magnitude per row was measured to serve at 10-20% kept; keeping more spans more
+# magnitudes than one can stand for, so lower ratios keep log4's levels.
+AUTO_SIGN_MIN_RATIO = 0.8
 # How a LayerNorm that feeds projections is pruned (see `Policy.layer_norm_mode`).
 LAYER_NORM_MODES = ("fused", "separate")
 
@@ -51,8 +62,11 @@ class Policy:
         loops and conditionals.
       "auto": the name configs used when the default depended on the backend (CPU
         took "sample"); it now means "token" everywhere.
-    value_format: storage of kept values: "auto" (token rows: 4-bit "log4"; sample
-      groups: bfloat16 in 15 bits, float16 for float16 inputs), "log4" (rows only),
+    value_format: storage of kept values: "auto" (token rows: "ulog3" for the attention
+      probabilities, "log4" for convolutions, "sign" for the rest at ratios of 0.8 and
+      above, "log4" below; `AUTO_ROW_VALUE_FORMATS`, `AUTO_SIGN_MIN_RATIO`; sample groups: bfloat16 in 15 bits, float16 for float16
+      inputs), "log4" (rows only: 4-bit log levels with the sign; the default before
+      the 0.8 policy),
       "sign" (rows only: 1 bit, the sign, with one mean magnitude per row), "int8",
       "bfloat16", "float16", "float32"; "ulog3" (rows only: log4 without the sign bit)
       only in `value_formats`, for "softmax".
@@ -175,6 +189,9 @@ class Policy:
     if ratio == 0.0:
       return None
     value_format = self._setting(self.value_formats, op_type, self.value_format)
+    if value_format == "auto" and self.granularity == "token":
+      value_format = AUTO_ROW_VALUE_FORMATS.get(
+          op_type, "sign" if ratio >= AUTO_SIGN_MIN_RATIO else "log4")
     return PackSpec(ratio, self.granularity, value_format, self.position_format, self.keep_rule,
                     self.estimator)
 

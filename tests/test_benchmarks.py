@@ -172,7 +172,10 @@ def test_accuracy_summary_and_run_config():
   config = accuracy.run_config(base, methods["razor@0.9 attention exact"], "adam", 2,
                                total_steps=60)
   assert (config["optimizer"]["name"], config["lr"], config["seed"]) == ("adam", 1e-3, 2)
-  assert config["prune_ratio"] == 0.9 and config["policy"] == {"attention": 0.0}
+  # As recorded: log4 values, the default's before 0.8.
+  assert config["prune_ratio"] == 0.9 and config["policy"] == {"attention": 0.0,
+                                                               "value_format": "log4"}
+  assert methods["razor@0.9"]["policy"] == {"value_format": "log4"}
   assert config["total_steps"] == config["eval_every"] == 60 and config["warmup_steps"] == 6
 
 

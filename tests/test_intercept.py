@@ -77,7 +77,7 @@ def _exact():
 @pytest.mark.slow
 def test_forward_unchanged_and_weight_gradients_are_razor_layers():
   y, grads = _exact()
-  razor_y, razor_grads = _output_and_grads(Net(), dict(prune_ratio=0.9))
+  razor_y, razor_grads = _output_and_grads(Net(), {})  # razorize(): the default policy
   chex.assert_trees_all_equal(razor_y, y)
   for path in WEIGHTS:
     assert not np.allclose(_leaf(razor_grads, path), _leaf(grads, path), rtol=1e-2, atol=1e-3), path
@@ -221,7 +221,7 @@ def test_state_restored_after_block_exception_and_nesting():
 
 def test_razorize_takes_the_layers_knob():
   policy = Policy.make(0.9, attention=0.0)
-  for args, kwargs, want in [((), {}, Policy(0.9)), ((0.9,), {}, Policy(0.9)),
+  for args, kwargs, want in [((), {}, Policy()), ((0.9,), {}, Policy(0.9)),
                              ((), dict(prune_ratio=0.5), Policy(0.5)),
                              ((), dict(policy=policy), policy), ((policy,), {}, policy)]:
     with razorize(*args, **kwargs) as got:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from razor_jax import layers, ops
-from razor_jax.ops import PackSpec
 from razor_jax.policy import Policy
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -25,33 +24,38 @@ def _leaf(tree, path):
   return tree
 
 
-def _mha_reference(p, x, spec, mask=None):
+def _mha_reference(p, x, policy, mask=None):
   """Back Razor self-attention from the ops' sort-based reference twins."""
-  proj = lambda name: ops.dense_general_reference(x, p[name]["kernel"], p[name]["bias"], spec)
+  dense = policy.spec("dense")
+  proj = lambda name: ops.dense_general_reference(x, p[name]["kernel"], p[name]["bias"], dense)
   q, k, v = proj("query"), proj("key"), proj("value")
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  logits = ops.attention_logits_reference(q, k, spec)
+  logits = ops.attention_logits_reference(q, k, policy.spec("attention"))
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  o = ops.softmax_attend_reference(logits, v, spec)
-  return ops.dense_general_reference(o, p["out"]["kernel"], p["out"]["bias"], spec, (-2, -1))
+  o = ops.softmax_attend_reference(logits, v, policy.spec("attention"),
+                                   p_spec=policy.spec("softmax"))
+  return ops.dense_general_reference(o, p["out"]["kernel"], p["out"]["bias"], dense, (-2, -1))
 
 
 # name: (razor class, flax class, fields, input shape, weight leaf, whether dx is exact at
 # 0.9, the layer's Back Razor computation from the ops' reference twins).
 CASES = {
     "dense": (layers.RazorDense, nn.Dense, dict(features=8), (4, 6, 16), ("kernel",), True,
-              lambda p, x, s: ops.dense_reference(x, p["kernel"], p["bias"], s)),
+              lambda p, x, pol: ops.dense_reference(x, p["kernel"], p["bias"],
+                                                    pol.spec("dense"))),
     "dense_general": (
         layers.RazorDenseGeneral, nn.DenseGeneral, dict(features=(2, 4), axis=(-2, -1)),
         (4, 3, 16), ("kernel",), True,
-        lambda p, x, s: ops.dense_general_reference(x, p["kernel"], p["bias"], s, (-2, -1))),
+        lambda p, x, pol: ops.dense_general_reference(x, p["kernel"], p["bias"],
+                                                      pol.spec("dense"), (-2, -1))),
     "layer_norm": (layers.RazorLayerNorm, nn.LayerNorm, dict(epsilon=1e-5), (4, 6, 16),
                    ("scale",), False,
-                   lambda p, x, s: ops.layer_norm_reference(x, p["scale"], p["bias"], s, 1e-5)),
+                   lambda p, x, pol: ops.layer_norm_reference(x, p["scale"], p["bias"],
+                                                              pol.spec("layer_norm"), 1e-5)),
     "conv": (layers.RazorConv, nn.Conv, dict(features=4, kernel_size=(3, 3), strides=2),
              (2, 8, 8, 3), ("kernel",), True,
-             lambda p, x, s: ops.conv_reference(x, p["kernel"], p["bias"], s,
+             lambda p, x, pol: ops.conv_reference(x, p["kernel"], p["bias"], pol.spec("conv"),
                                                 window_strides=(2, 2), padding="SAME",
                                                 dimension_numbers=CONV_DIMS)),
     "mha": (layers.RazorMultiHeadDotProductAttention, nn.MultiHeadDotProductAttention,
@@ -103,15 +107,15 @@ def test_layer_matches_flax(case, dtype):
 # mha: see test_mha_self_attention_with_causal_mask_is_back_razor.
 @pytest.mark.parametrize("case", [c for c in CASES if c != "mha"])
 def test_layer_gradients_are_back_razor(case):
-  """At 0.9 every gradient equals the ops' sort-based reference computation."""
+  """At the default policy every gradient equals the ops' sort-based reference computation."""
   razor_cls, _, fields, shape, _, _, reference = CASES[case]
-  spec = PackSpec(0.9, "token")  # the default policy's
+  policy = Policy()  # what a layer given neither knob uses
   x = _rand(0, shape)
   layer = razor_cls(**fields)
   params = jax.jit(layer.init)(KEY, x)
   cot = _rand(1, jax.eval_shape(layer.apply, params, x).shape)
   _, got = _value_and_grad(layer, cot)(params, x)
-  want = jax.jit(jax.grad(lambda p, x: jnp.sum(reference(p["params"], x, spec) * cot),
+  want = jax.jit(jax.grad(lambda p, x: jnp.sum(reference(p["params"], x, policy) * cot),
                           argnums=(0, 1)))(params, x)
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
@@ -127,11 +131,11 @@ def test_policy_is_the_other_way_to_give_the_knob():
   _, got = _value_and_grad(layers.RazorDense(8, policy=Policy.make(0.0, dense=0.5)), cot)(
       params, x)
   assert not np.allclose(got[0]["params"]["kernel"], exact[0]["params"]["kernel"])
-  # Neither given: the paper's 0.9.
+  # Neither given: the default policy, 0.8.
   _, default = _value_and_grad(layers.RazorDense(8), cot)(params, x)
   chex.assert_trees_all_equal(
-      default, _value_and_grad(layers.RazorDense(8, prune_ratio=0.9), cot)(params, x)[1])
-  assert layers.RazorDense(8).razor_policy == Policy(0.9)
+      default, _value_and_grad(layers.RazorDense(8, prune_ratio=0.8), cot)(params, x)[1])
+  assert layers.RazorDense(8).razor_policy == Policy(0.8) == Policy()
 
 
 @pytest.mark.parametrize("fields", [
@@ -229,9 +233,9 @@ def test_mha_self_attention_with_causal_mask_is_back_razor():
   cot = _rand(1, y.shape)
   got = jax.jit(jax.grad(lambda p, x: jnp.sum(razor.apply(p, x, mask=mask) * cot), (0, 1)))(
       params, x)
-  spec = PackSpec(0.9)
   want = jax.jit(jax.grad(
-      lambda p, x: jnp.sum(_mha_reference(p["params"], x, spec, mask) * cot), (0, 1)))(params, x)
+      lambda p, x: jnp.sum(_mha_reference(p["params"], x, Policy(), mask) * cot), (0, 1)))(
+          params, x)
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
 

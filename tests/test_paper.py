@@ -138,7 +138,7 @@ def test_paper_preset_from_the_command_line():
   assert setup.make_policy(config) == Policy.paper(0.8)
   config, _ = cli.parse(["--config", "demo", "--config.policy.estimator=energy",
                          "--workdir", "unused"], configs)
-  assert setup.make_policy(config) == Policy(0.9, estimator="energy")
+  assert setup.make_policy(config) == Policy(0.8, estimator="energy")  # the demo: the default
   config, _ = cli.parse(["--config", "demo", "--config.prune_ratio=0.8",
                          "--config.policy.value_format=sign",
                          "--config.policy.value_formats=attention:log4", "--workdir", "unused"],

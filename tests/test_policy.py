@@ -25,9 +25,10 @@ def test_gelu_storage_auto_follows_pruning():
     Policy(0.9, gelu_storage="int4")
 
 
-def test_resolve_defaults_to_the_papers_ratio_and_takes_one_knob():
-  assert DEFAULT_PRUNE_RATIO == 0.9
-  assert resolve() == Policy(0.9) == resolve(0.9)
+def test_resolve_defaults_to_the_measured_policy_and_takes_one_knob():
+  assert DEFAULT_PRUNE_RATIO == 0.8
+  assert resolve() == Policy(0.8) == resolve(0.8) == Policy()
+  assert resolve(0.9) == Policy(0.9)
   assert resolve("0.5").prune_ratio == 0.5  # a number in text, as a config may hold it
   policy = Policy.make(0.8, attention=0.0, granularity="token")
   assert resolve(policy=policy) is policy
@@ -60,6 +61,27 @@ def test_per_op_ratios_and_their_errors():
     Policy.make(0.9, ratios={"mlp": 0.5})
   with pytest.raises(ValueError, match=r"prune ratio for 'dense' must be in \[0, 1\)"):
     Policy.make(0.9, dense=1.5)
+
+
+def test_auto_values_on_token_rows_are_chosen_per_op_type():
+  # The default: 1-bit sign values, the attention probabilities in 3 bits (never
+  # negative), a convolution's rows in log4; at any ratio.
+  for policy in (Policy(), Policy(0.9)):
+    formats = {t: policy.spec(t).value_format for t in OP_TYPES}
+    assert formats == {"dense": "sign", "attention": "sign", "softmax": "ulog3",
+                       "layer_norm": "sign", "conv": "log4"}, formats
+  # Below 0.8 one magnitude per row stands for too many kept values: log4 levels.
+  assert [Policy(0.5).spec(t).value_format for t in ("dense", "softmax", "conv")] == [
+      "log4", "ulog3", "log4"]
+  # An explicit format applies to every op type; a per-op one wins over "auto".
+  assert {Policy(value_format="log4").spec(t).value_format for t in OP_TYPES} == {"log4"}
+  mixed = Policy(value_formats=(("dense", "log4"),))
+  assert (mixed.spec("dense").value_format, mixed.spec("attention").value_format) == (
+      "log4", "sign")
+  # "softmax" follows an "attention" entry before "auto" resolves it.
+  assert Policy(value_formats=(("attention", "log4"),)).spec("softmax").value_format == "log4"
+  # Sample groups keep their own "auto" (bfloat16 in 15 bits, resolved by dtype).
+  assert Policy(granularity="sample").spec("softmax").value_format == "auto"
 
 
 def test_token_rows_are_the_default_on_every_backend_and_auto_is_their_old_name():

@@ -199,8 +199,11 @@ def test_cnn_configs_build_their_model(name, arch, classes):
   model = train_setup.build_model(config, classes)
   assert isinstance(model, mobilenet.CNN) and model.arch == arch
   assert model.num_classes == classes and model.batch_norm == "fixed"
-  assert model.razor_policy == Policy(0.9)  # the paper's CNN runs: conv and head at 0.9
+  # The paper's CNN runs: conv and head at 0.9; a CNN's "auto" values are log4 on every op.
+  assert model.razor_policy == Policy(0.9, value_format="log4")
   assert model.razor_policy.spec("conv").prune_ratio == 0.9
+  assert {model.razor_policy.spec(t).value_format for t in ("conv", "dense", "layer_norm")} == {
+      "log4"}
   # Evaluation and the memory report: the same params, plain autodiff.
   dense = train_setup.build_model(config, classes, full_finetuning=True)
   assert dense.arch == arch and not dense.razor_policy.prunes
@@ -216,7 +219,11 @@ def test_cnn_configs_build_their_model(name, arch, classes):
 
 
 def test_policy_knob_applies_to_cnns():
-  assert train_setup.build_model(tiny_cnn(prune_ratio=0.8), 4).razor_policy == Policy(0.8)
+  assert train_setup.build_model(tiny_cnn(prune_ratio=0.8), 4).razor_policy == Policy(
+      0.8, value_format="log4")
+  # An explicit value format is the CNN's too (only "auto" means log4 there).
+  signed = train_setup.build_model(tiny_cnn(policy=dict(value_format="sign")), 4)
+  assert signed.razor_policy.spec("dense").value_format == "sign"
   model = train_setup.build_model(tiny_cnn(policy=dict(conv=0.0)), 4)
   assert model.razor_policy.spec("conv") is None and model.razor_policy.ratio("dense") == 0.9
   paper = train_setup.build_model(tiny_cnn(policy=dict(preset="paper")), 4)

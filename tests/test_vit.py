@@ -182,7 +182,7 @@ def test_dropout_is_active_in_training_only():
 def test_token_granularity_prunes_each_token_and_is_the_default():
   _, ref_params = reference_params()
   params, images, labels = stack_blocks(ref_params, 2), make_images(), jnp.array([1, 2, 3])
-  policy = Policy(0.9, granularity="token")
+  policy = Policy(granularity="token")
   token = vit.ViT(10, policy=policy, **TINY)
   assert {g for _, g in _packed(token, params, images, labels)} == {"token"}
   exact = vit.ViT(10, prune_ratio=0.0, **TINY)
@@ -209,7 +209,7 @@ def test_bad_configurations_raise():
     vit.ViT(10, prune_ratio=1.0)
   with pytest.raises(ValueError, match="got both prune_ratio=0.5 and policy=.*; pass one"):
     vit.ViT(10, prune_ratio=0.5, policy=Policy(0.9))
-  assert vit.ViT(10).razor_policy == Policy(0.9)  # the paper's default
+  assert vit.ViT(10).razor_policy == Policy() == Policy(0.8)  # the default policy
   model = vit.ViT(10, **TINY)
   with pytest.raises(ValueError, match="multiple of the patch size"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 18, 18, 3)))

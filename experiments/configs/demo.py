@@ -1,4 +1,4 @@
-"""Offline demo: a tiny ViT fine-tuned with Back Razor@0.9 on handwritten digits 5-9.
+"""Offline demo: a tiny ViT fine-tuned with Back Razor (the default policy, 0.8) on handwritten digits 5-9.
 
   python experiments/finetune.py --config demo
 
@@ -32,7 +32,7 @@ def get_config():
   config.model.num_heads = 4
   config.model.num_layers = 4
   config.init_path = os.path.normpath(os.path.join(_ASSETS, "vit_demo_digits.npz"))
-  config.prune_ratio = 0.9  # Back Razor@90%
+  # prune_ratio: the library default, 0.8 (README, "The default policy")
   config.lr = 0.03  # peak of the cosine schedule (SGD, momentum 0.9)
   config.warmup_steps = 50  # short: the run is only 500 steps
   config.total_steps = 500  # about 44 epochs of the training images

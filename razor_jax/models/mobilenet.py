@@ -50,6 +50,8 @@ from razor_jax.policy import Policy, resolve
 BATCH_NORM_MODES = ("train", "frozen", "fixed")
 COMPRESSIONS = ("razor", "actnn")
 FINETUNE = ("all", "biases", "lite_residual+biases")
+# What value_format="auto" means on a CNN's image rows (see `MobileNet.razor_policy`).
+CNN_AUTO_VALUE_FORMAT = "log4"
 MOBILENET_V2_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 
@@ -112,7 +114,7 @@ class CNN(nn.Module):
   arch: str = "mobilenet_v2"  # "mobilenet_v2", "proxyless_mobile" or "tiny"
   num_classes: int = 1000
   width: float = 1.0  # mobilenet_v2 only
-  prune_ratio: Optional[float] = None  # Back Razor; None: 0.9, or the policy's
+  prune_ratio: Optional[float] = None  # Back Razor; None: 0.8, or the policy's
   policy: Optional[Policy] = None
   compression: str = "razor"  # "razor" or "actnn"
   batch_norm: str = "train"  # "train", "frozen" or "fixed"
@@ -143,7 +145,12 @@ class CNN(nn.Module):
   def razor_policy(self) -> Policy:
     if self.compression == "actnn" or self.finetune != "all":
       return Policy(0.0)
-    return resolve(self.prune_ratio, self.policy)
+    policy = resolve(self.prune_ratio, self.policy)
+    # The CNNs were measured with 4-bit log values on every op (results/cnn_digits.md);
+    # the ViT's 1-bit "sign" values (what "auto" gives dense and norm rows) were not.
+    if policy.value_format == "auto" and policy.granularity == "token":
+      policy = dataclasses.replace(policy, value_format=CNN_AUTO_VALUE_FORMAT)
+    return policy
 
   @property
   def compact_relu(self) -> bool:

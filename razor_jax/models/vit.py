@@ -9,9 +9,9 @@ output matches the reference at any prune ratio.
 Inside each encoder block every activation the backward needs is stored pruned:
 LayerNorm inputs and the projections they feed share one packed copy (see `block_ops`),
 then q and k, the attention probabilities and v, the out-projection input, and the fc2
-input; GELU keeps its 8-bit derivative. The patch embedding (a plain nn.Conv) and the
+input; GELU keeps a 2-bit code of its derivative. The patch embedding (a plain nn.Conv) and the
 head stay exact, as in the paper. The knob is the layers' (`razor_jax.policy`):
-`prune_ratio` (default 0.9) or a `policy`; with nothing pruned (`prune_ratio=0.0`,
+`prune_ratio` (default 0.8, `Policy()`) or a `policy`; with nothing pruned (`prune_ratio=0.0`,
 `Policy(0.0)`) the model is plain autodiff: full fine-tuning.
 
 Blocks are scanned by default: their params are stacked under `encoderblock` (made
@@ -272,7 +272,7 @@ class ViT(nn.Module):
     representation_size: width of the tanh `pre_logits` layer, or None for none.
     classifier: "token" (the cls token) or "gap" (mean over tokens).
     prune_ratio: Back Razor's ratio for every saved activation, in [0, 1); None (the
-      default): 0.9, or the policy's. 0 = full fine-tuning.
+      default): 0.8, or the policy's. 0 = full fine-tuning.
     policy: a razor_jax.Policy instead of a prune_ratio (per-op-type ratios,
       granularity "sample" or "token", storage formats, GELU's storage).
     scan: run the blocks through razor_jax.scan.scan_layers (params stacked under

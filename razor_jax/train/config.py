@@ -13,6 +13,8 @@ import ml_collections
 from flax import traverse_util
 from ml_collections import config_dict
 
+from razor_jax.policy import DEFAULT_PRUNE_RATIO
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # config.model.name -> what it builds (razor_jax.models).
 MODELS = {"vit": "a ViT (razor_jax.models.vit.ViT)",
@@ -30,7 +32,7 @@ PUBLIC_CHECKPOINTS = "gs://vit_models/imagenet21k"
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The defaults: ViT-B/16 on CUB-200-2011 with Back Razor@0.9, as the original runs."""
+  """The defaults: ViT-B/16 on CUB-200-2011 with Back Razor's default policy (0.8)."""
   config = ml_collections.ConfigDict()
 
   # Data (razor_jax.data).
@@ -83,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Back Razor: forward dense, backward from a top-K copy of each activation (the ViT's
   # encoder's; the patch embedding and the head stay exact, as in the paper. A CNN's
   # convs, classifier and train-mode BatchNorms; ReLU6 keeps a 1-bit mask).
-  config.prune_ratio = 0.9  # fraction of each activation pruned; 0 = full fine-tuning
+  # Fraction of each activation pruned; 0 = full fine-tuning. 0.8, razor_jax's default
+  # (README, "The default policy"); the paper's is 0.9.
+  config.prune_ratio = DEFAULT_PRUNE_RATIO
   config.policy = ml_collections.ConfigDict()  # razor_jax.Policy's fields; unset = prune_ratio
   # "default" (the fields below) or "paper" (razor_jax.Policy.paper(prune_ratio): the
   # original code's semantics; the fields below other than estimator are then ignored).
@@ -104,8 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.policy.granularity = "token"
   config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint2"),
   #                                      "uint8", "uint4", "uint2", "bfloat16" or "exact"
-  # Kept values: "auto" (token rows: 4-bit "log4"; sample groups: bf16 in 15 bits), "sign"
-  # (token rows: 1 bit and a mean magnitude per row), "int8", ...
+  # Kept values: "auto" (token rows: "ulog3" for the attention probabilities, "log4" for
+  # convolutions, "sign" for the rest; sample groups: bf16 in 15 bits), "log4" (token rows:
+  # 4-bit log levels, the default before 0.8), "sign" (token rows: 1 bit and a mean
+  # magnitude per row), "int8", ...
   config.policy.value_format = "auto"
   # Per op type, "op:format" items joined by ";" (e.g. "attention:log4", or
   # "softmax:ulog3": the attention probabilities in log4's levels without the sign bit):

@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from benchmarks import gpu_aot, gpu_time
+from benchmarks.cases import RAZOR_DEFAULT
 from benchmarks.records import Record, sort_key
 
 GIB = 2**30
 HEADLINE = (("L/16", 128), ("B/16", 32))  # the issues' targets: what findings speak of
-METHODS = ("full", "remat", "razor@0.9")
+METHODS = ("full", "remat", RAZOR_DEFAULT.label)
 
 
 def _order(r: Record) -> tuple:
@@ -64,7 +65,7 @@ def findings(records: Sequence[Record]) -> list[str]:
         m = razor.modeled or {}
         lines.append(
             f"- {target} (compiled, no device), ViT-{model} b{batch} {dtype} compute: Back"
-            f" Razor@0.9 {_gib(razor.compiled_peak_bytes)} GiB ="
+            f" Razor's default ({razor.label}) {_gib(razor.compiled_peak_bytes)} GiB ="
             f" {_x(razor.compiled_peak_bytes, remat.compiled_peak_bytes)}× remat"
             f" ({_gib(remat.compiled_peak_bytes)} GiB),"
             f" {_x(razor.compiled_peak_bytes, full.compiled_peak_bytes, 3)}× full"

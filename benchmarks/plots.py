@@ -6,6 +6,7 @@ import os
 from typing import Sequence
 
 from benchmarks import gpu_aot
+from benchmarks.cases import RAZOR_DEFAULT
 from benchmarks.records import Record, sort_key
 from benchmarks.report import GIB, METHOD_COLUMNS, Index
 
@@ -35,7 +36,7 @@ def memory_vs_batch(records: Sequence[Record], path: str):
                 for b in index.batches(model)]
       points = [(b, v / GIB) for b, v in points if v is not None]
       if points:
-        style = "-" if label in ("full", "remat", "razor@0.9") else ":"
+        style = "-" if label in ("full", "remat", RAZOR_DEFAULT.label) else ":"
         ax.plot(*zip(*points), style, marker="o", markersize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -134,11 +134,13 @@ def test_weight_gradients_first_lower_the_gpu_peak():
 
 def test_plan_covers_every_vit_batch_dtype_and_headline_method_findings_first():
   plan = suite.gpu_aot_plan()
-  assert len(plan.gpu_aot) == 4 * 3 * 2 * 3 == len(set(plan.gpu_aot))
+  # full, remat, the default razor (the findings') and razor@0.9 (the paper's ratio).
+  assert len(plan.gpu_aot) == 4 * 3 * 2 * 4 == len(set(plan.gpu_aot))
   assert {(c.model, c.batch, c.dtype) for c in plan.gpu_aot} == {
       (m, b, d) for m in MODELS for b in (8, 32, 128) for d in ("float32", "bfloat16")}
-  assert [(c.model, c.batch) for c in plan.gpu_aot[:12]] == (
-      [("B/16", 32)] * 3 + [("L/16", 128)] * 3) * 2
+  assert {c.method.label for c in plan.gpu_aot} == {"full", "remat", "razor@0.8", "razor@0.9"}
+  assert [(c.model, c.batch) for c in plan.gpu_aot[:16]] == (
+      [("B/16", 32)] * 4 + [("L/16", 128)] * 4) * 2
 
 
 def test_suite_turns_child_results_into_gpu_aot_records(monkeypatch):

@@ -21,7 +21,7 @@ def _modeled(ms, launches, round_trips=0):
 def _records():
   rows = []
   figures = {"full": (100.0, 350.0, 4000), "remat": (10.0, 300.0, 3000),
-             "razor@0.9": (8.0, 420.0, 7000)}
+             "razor@0.8": (8.0, 420.0, 7000)}
   for label, (gib, ms, launches) in figures.items():
     case = Case("L/16", 128, parse_method(label))
     rows.append(Record.for_case(case, AOT, compiled_peak_bytes=int(gib * GIB),
@@ -44,10 +44,10 @@ def test_tables_put_gpu_and_cpu_side_by_side_and_model_the_time():
   rows = _records()
   table = "\n".join(gpu_report.side_by_side(rows))
   # GPU 8.00 GiB, 0.80x remat, 0.080x full; CPU 8.80 GiB, 0.80x its remat.
-  assert ("| ViT-L/16 | 128 | float32 | razor@0.9 | 8.00 | 0.80 | 0.080 | — | 8.80 | 0.80 |"
+  assert ("| ViT-L/16 | 128 | float32 | razor@0.8 | 8.00 | 0.80 | 0.080 | — | 8.80 | 0.80 |"
           in table)
   modeled = "\n".join(gpu_report.modeled_table(rows))
-  assert "| ViT-L/16 | 128 | float32 | razor@0.9 | 420.0 | 105.0 | 210.0 | 28.0 | 0.0 | 1.40 |" \
+  assert "| ViT-L/16 | 128 | float32 | razor@0.8 | 420.0 | 105.0 | 210.0 | 28.0 | 0.0 | 1.40 |" \
       " 1.20 | 7,000 | 0 | 300 / 2 (0) / 0 |" in modeled
   assert "4 µs per kernel launched" in "\n".join(gpu_report.assumptions())
   assert gpu_report.side_by_side([r for r in rows if r.backend == "cpu"])[0].startswith(
@@ -79,7 +79,7 @@ def test_findings_need_the_three_methods(missing):
 
 def test_a_real_gpu_run_sits_beside_its_deviceless_twin(monkeypatch):
   from benchmarks import child, report, suite  # pylint: disable=g-import-not-at-top
-  case = Case("L/16", 128, parse_method("razor@0.9"))
+  case = Case("L/16", 128, parse_method("razor@0.8"))
   result = {"measured_peak_bytes": 7 * GIB, "peak_kind": "device_peak_bytes_in_use",
             "compiled_peak_bytes": int(6.5 * GIB), "step_times": [0.40, 0.44, 0.42],
             "modeled": _modeled(400.0, 7100)}
@@ -92,5 +92,5 @@ def test_a_real_gpu_run_sits_beside_its_deviceless_twin(monkeypatch):
   table = "\n".join(report.gpu_table(_records() + [gpu]))
   # measured 7.00 GiB, compiled here 6.50, compiled without a GPU 8.00; 420 ms measured,
   # 400 modeled from the executable that ran, 420 modeled from the deviceless compile.
-  assert "| NVIDIA H200 | L/16 | 128 | razor@0.9 | float32 | 6.50 | 7.00 | 8.00 | 420.0 |" \
+  assert "| NVIDIA H200 | L/16 | 128 | razor@0.8 | float32 | 6.50 | 7.00 | 8.00 | 420.0 |" \
       " 400.0 | 420.0 |" in table, table

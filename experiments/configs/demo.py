@@ -8,9 +8,10 @@ fine-tunes a small ViT pretrained on digits 0-4 (experiments/assets/vit_demo_dig
 in the public .npz format) and prints the eval accuracy and the compiled memory of the
 step beside that of full fine-tuning.
 
-Expected: eval accuracy about 96% on the 191 held-out digits after 500 steps, in about
-2.5 minutes on 2 CPU cores, with a compiled step peak of 19 MiB against 181 MiB for
-full fine-tuning. --config.init_path='' trains the same ViT from scratch (about 89%).
+Expected: eval accuracy about 97% on the 191 held-out digits after 500 steps (96.9% with
+the default seed 0; full fine-tuning, --config.prune_ratio=0, 99.5%), in about 2.5
+minutes on 2 CPU cores, with a compiled step peak of 18 MiB against 181 MiB for full
+fine-tuning. --config.init_path='' trains the same ViT from scratch (about 89%).
 """
 import os
 

@@ -71,6 +71,8 @@ POLICIES = {
     # bits, the same gradients as log4 there.
     # The default: `Policy()`, i.e. the same.
     "default: 0.8, sign values, softmax ulog3": Policy(),
+    # Its formats at the paper's ratio (`prune_ratio=0.9`).
+    "0.9, the default's formats": Policy(0.9),
 }
 # What the memory stage compiles: case -> (variant, batch, image size, classes, policies).
 # ViT-B/16 compiles take minutes each on a busy CPU, so fewer policies there.
@@ -79,7 +81,8 @@ MEMORY_CASES = {
         "full", "paper preset (Policy.paper)", "paper preset, fused LayerNorm",
         "per-sample groups (the paper's grouping)", "0.9, log4 (the default before 0.8)",
         "per-sample groups + energy", "sign values at 0.9", "sign values at 0.85",
-        "sign values at 0.8", "0.8, log4", "default: 0.8, sign values, softmax ulog3")),
+        "sign values at 0.8", "0.8, log4", "default: 0.8, sign values, softmax ulog3",
+        "0.9, the default's formats")),
     "ViT-B/16, batch 32, 224 px": ("B/16", 32, 224, 100, (
         "paper preset (Policy.paper)", "per-sample groups (the paper's grouping)",
         "0.9, log4 (the default before 0.8)", "sign values at 0.8", "0.8, log4",

@@ -1,8 +1,9 @@
 """Compiled peak of one razor train step with policy fields set: XLA:CPU or the H200.
 
 The benchmark's cases carry a method (full, remat, razor@R, razor_sample@R), not a whole
-policy. This compiles a razor@0.9 case's train step (SGD momentum, float32 params) with
-`config.policy` fields on top, one compile per `--policy`, nothing run:
+policy. This compiles a razor case's train step (SGD momentum, float32 params) at
+`--prune_ratio` (default: the default policy's, 0.8) with `config.policy` fields on top,
+one compile per `--policy`, nothing run:
 
   python -m benchmarks.policy_memory L/16 128 --policy attention=0.8 --policy attention=0.7
       [--dtype bfloat16] [--gpu_aot]
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 
 from benchmarks import gpu_aot
 from benchmarks.cases import Case, Method
+from razor_jax.policy import DEFAULT_PRUNE_RATIO
 
 
 def parse_fields(text: str) -> dict:
@@ -91,12 +93,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--policy", action="append", default=[],
                       help="field=value[,field=value] of config.policy; repeat for more")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--prune_ratio", type=float, default=DEFAULT_PRUNE_RATIO,
+                      help="the case's ratio, under the --policy fields (0.9: the paper's)")
   parser.add_argument("--gpu_aot", action="store_true", help="compile for the H200")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   try:
     policies = [parse_fields(p) for p in args.policy] or [{}]
-    case = Case(args.model, args.batch, Method("razor", 0.9), args.dtype)
+    case = Case(args.model, args.batch, Method("razor", args.prune_ratio), args.dtype)
     for fields in policies:  # an unknown model or field fails here, before any compile
       policy_config(case, fields, gpu=False)
   except ValueError as e:

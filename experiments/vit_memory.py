@@ -20,10 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from benchmarks import step as bench_step  # noqa: E402
-from benchmarks.cases import Case, parse_method  # noqa: E402
+from benchmarks.cases import RAZOR_DEFAULT, Case, parse_method  # noqa: E402
 from razor_jax.models import vit  # noqa: E402
 
-METHODS = {"full": "full", "remat": "remat", "razor": "razor@0.9"}
+# "razor": the default policy (`Policy()`); "razor@0.9": its formats at the paper's ratio.
+METHODS = {"full": "full", "remat": "remat", "razor": RAZOR_DEFAULT.label, "razor@0.9": "razor@0.9"}
 
 
 def main():

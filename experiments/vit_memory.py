@@ -6,7 +6,7 @@ The benchmark's step (benchmarks/step.py: the trainer's SGD-momentum step with g
 clipping, fp32 params, state donated, 224 px, a 100-class head), compiled but not run:
 peak = argument + output + temp - alias from XLA's memory analysis, so ViT-L/16 at batch
 128 is measured on a CPU machine too. These are the figures of issue 3's memory targets
-and of results/benchmark.json (README: 105.9 / 10.23 / 9.13 GiB).
+and of results/benchmark.json (README: full 105.9, remat 10.23, the default razor 6.06 GiB).
 """
 import argparse
 import os

@@ -99,7 +99,8 @@ ACCURACY_METHODS = ("razor@0.9 energy", "paper@0.9", "razor@0.9 sample",
                     "razor@0.9 attention 0.8", "razor@0.8", "razor@0.8 sign",
                     "razor@0.8 sign + attention log4", "razor@0.8 sign + softmax log4")
 # (razor@0.8 sign + softmax ulog3, the default policy, computes softmax log4's gradients bit
-# for bit: softmax log4's runs stand for it, and --methods runs it by name.)
+# for bit: softmax log4's runs stand for it. --methods takes it, and any method of
+# benchmarks.accuracy.FIDELITY_METHODS, by name.)
 ACCURACY_SCOPE = dict(optimizers=("sgd", "adam"), steps=(500, 2000), seeds=(0, 1, 2),
                       methods=ACCURACY_METHODS, tasks=TASK_CONFIGS)
 
@@ -226,21 +227,24 @@ def markdown(doc: dict) -> list[str]:
 
 def accuracy_scope(narrowing: Optional[dict] = None) -> dict:
   """ACCURACY_SCOPE with `narrowing`'s fields in its place; a ValueError for a method or
-  task it does not know, before anything runs."""
+  task it does not know, before anything runs. Methods may be any of
+  benchmarks.accuracy.FIDELITY_METHODS; the grid's default is ACCURACY_METHODS."""
+  from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
   scope = {**ACCURACY_SCOPE, **(narrowing or {})}
-  unknown = (set(scope["methods"]) - set(ACCURACY_METHODS)) | (
+  unknown = (set(scope["methods"]) - set(accuracy.FIDELITY_METHODS)) | (
       set(scope["tasks"]) - set(TASK_CONFIGS))
   if unknown:
     raise ValueError(f"unknown methods or tasks {sorted(unknown)}; expected methods from"
-                     f" {ACCURACY_METHODS} and tasks from {list(TASK_CONFIGS)}")
+                     f" {tuple(accuracy.FIDELITY_METHODS)} and tasks from {list(TASK_CONFIGS)}")
   return scope
 
 
 def run_accuracy(directory: str = RESULTS, scope: Optional[dict] = None, say=print):
   """The transfer runs of `scope` (default ACCURACY_SCOPE: every method, optimizer, step
   count and seed, on every task; resumable; hours on 2 CPU cores). `scope` may narrow
-  any of optimizers, steps, seeds, methods (labels of ACCURACY_METHODS) and tasks
-  (configs of TASKS); full fine-tuning and the default razor@0.9 always run."""
+  any of optimizers, steps, seeds, methods (labels of accuracy.FIDELITY_METHODS) and tasks
+  (configs of TASKS); full fine-tuning and razor@0.9 (log4 values, the former default)
+  always run."""
   from benchmarks import accuracy  # pylint: disable=g-import-not-at-top
   from razor_jax.train import cli  # pylint: disable=g-import-not-at-top
   scope = accuracy_scope(scope)

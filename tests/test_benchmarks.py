@@ -212,6 +212,10 @@ def test_fidelity_accuracy_scope_narrows_the_grid_and_rejects_unknown_names():
     fidelity.run_accuracy("/nonexistent", {"methods": ("razor@0.9 samples",)})
   with pytest.raises(ValueError, match=r"unknown methods or tasks \['cifar'\]"):
     fidelity.run_accuracy("/nonexistent", {"tasks": ("cifar",)})
+  # Methods outside the default grid are taken by name (the default policy's own label).
+  assert "razor@0.8 sign + softmax ulog3" not in fidelity.ACCURACY_METHODS
+  assert fidelity.accuracy_scope({"methods": ("razor@0.8 sign + softmax ulog3",)})[
+      "methods"] == ("razor@0.8 sign + softmax ulog3",)
 
 
 def test_fidelity_methods_are_the_accuracy_methods():

@@ -15,8 +15,9 @@ def get_config():
   config.dataset = "caltech_birds2011"  # 200 bird species, 5994 train / 5794 test images
   config.model.variant = "L/16"  # 24 blocks of width 1024, 16x16 patches
   config.init_path = f"{train_config.PUBLIC_CHECKPOINTS}/ViT-L_16.npz"  # ImageNet-21k weights
-  config.prune_ratio = 0.9  # the paper's Back Razor@90% (values and positions stored the default
-  #                           policy's way: README, "The default policy")
+  # The paper's Back Razor@90%, its values stored the default policy's way (README, "The
+  # default policy"); --config.policy.value_format=log4 for the former default's values.
+  config.prune_ratio = 0.9
   config.lr = 0.01  # peak of the cosine schedule (SGD, momentum 0.9)
   config.total_steps = 6000  # about 128 epochs of the 5994 training images at batch 128
   return config

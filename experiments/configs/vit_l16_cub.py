@@ -15,9 +15,10 @@ def get_config():
   config.dataset = "caltech_birds2011"  # 200 bird species, 5994 train / 5794 test images
   config.model.variant = "L/16"  # 24 blocks of width 1024, 16x16 patches
   config.init_path = f"{train_config.PUBLIC_CHECKPOINTS}/ViT-L_16.npz"  # ImageNet-21k weights
-  # The paper's Back Razor@90%, its values stored the default policy's way (README, "The
-  # default policy"); --config.policy.value_format=log4 for the former default's values.
+  # The paper's Back Razor@90%, with 4-bit log values: at 0.9 the better-measured choice
+  # (README, "The default policy"); drop both lines for the library's default policy.
   config.prune_ratio = 0.9
+  config.policy.value_format = "log4"
   config.lr = 0.01  # peak of the cosine schedule (SGD, momentum 0.9)
   config.total_steps = 6000  # about 128 epochs of the 5994 training images at batch 128
   return config

@@ -20,35 +20,39 @@ from razor_jax import train
 from benchmarks import records, version
 
 PRUNE_RATIOS = (0.0, 0.8, 0.9, 0.95, 0.97)  # 0.0 = full fine-tuning
-# The methods below were measured with 4-bit log values everywhere: the default's value
-# format until the default moved to 0.8 with sign values (README, "The default policy").
-_LOG4 = {"policy": {"value_format": "log4"}}
+
+
+def _log4(**policy) -> dict:
+  """`policy` (config.policy fields) with 4-bit log values: what the methods built with it
+  were measured with, the default's value format until the default moved to 0.8 with sign
+  values (README, "The default policy"). A fresh dict each call."""
+  return {"value_format": "log4", **policy}
+
+
 # Methods beyond a plain prune ratio, as config overrides. Attention's q, k, softmax and
 # v residuals have the lowest gradient cosines (results/README.md), so this one tells
 # how much of the gap they account for.
-EXTRA_METHODS = {"razor@0.9 attention exact": {"prune_ratio": 0.9, "policy": {"attention": 0.0, "value_format": "log4"}}}
+EXTRA_METHODS = {"razor@0.9 attention exact": {"prune_ratio": 0.9,
+                                               "policy": _log4(attention=0.0)}}
 # Issue 13's methods: the original code's semantics, the paper's per-sample groups (the
 # CPU default until token rows measured better), and the "energy" weight-gradient
 # estimator on top of each.
 FIDELITY_METHODS = {
     "razor@0.9 sample": {"prune_ratio": 0.9, "policy": {"granularity": "sample"}},
     "paper@0.9": {"prune_ratio": 0.9, "policy": {"preset": "paper"}},
-    "razor@0.9 energy": {"prune_ratio": 0.9, "policy": {"estimator": "energy",
-                                                             "value_format": "log4"}},
+    "razor@0.9 energy": {"prune_ratio": 0.9, "policy": _log4(estimator="energy")},
     "razor@0.9 sample energy": {"prune_ratio": 0.9,
                                 "policy": {"granularity": "sample", "estimator": "energy"}},
     "paper@0.9 energy": {"prune_ratio": 0.9, "policy": {"preset": "paper",
                                                          "estimator": "energy"}},
     # Attention's copies (q, k, v, probabilities) kept at half: softmax(.)V's pruned copies
     # shorten the backbone's gradient most (README, "Weight gradients that keep their length").
-    "razor@0.9 attention 0.5": {"prune_ratio": 0.9, "policy": {"attention": 0.5,
-                                                                    "value_format": "log4"}},
+    "razor@0.9 attention 0.5": {"prune_ratio": 0.9, "policy": _log4(attention=0.5)},
     # ... and at 0.8: twice the default's share, within the GPU issue's 0.80x remat.
-    "razor@0.9 attention 0.8": {"prune_ratio": 0.9, "policy": {"attention": 0.8,
-                                                                    "value_format": "log4"}},
+    "razor@0.9 attention 0.8": {"prune_ratio": 0.9, "policy": _log4(attention=0.8)},
     # Twice the default's kept positions: values in 4 bits as the default's, and in 1 bit
     # (about the default's memory).
-    "razor@0.8": {"prune_ratio": 0.8, **_LOG4},
+    "razor@0.8": {"prune_ratio": 0.8, "policy": _log4()},
     "razor@0.8 sign": {"prune_ratio": 0.8, "policy": {"value_format": "sign"}},
     # ... with attention's values (softmax probabilities among them) kept in 4 bits.
     "razor@0.8 sign + attention log4": {"prune_ratio": 0.8, "policy": {
@@ -78,7 +82,8 @@ def methods(prune_ratios=PRUNE_RATIOS, extra=EXTRA_METHODS) -> dict:
 
   razor@R keeps log4 values, as every razor@R run recorded did (the default before 0.8).
   """
-  out = {method_label(r): {"prune_ratio": r, **(_LOG4 if r else {})} for r in prune_ratios}
+  out = {method_label(r): {"prune_ratio": r, "policy": _log4()} if r else {"prune_ratio": r}
+         for r in prune_ratios}
   out.update(extra or {})
   return out
 

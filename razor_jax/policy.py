@@ -64,9 +64,9 @@ class Policy:
         took "sample"); it now means "token" everywhere.
     value_format: storage of kept values: "auto" (token rows: "ulog3" for the attention
       probabilities, "log4" for convolutions, "sign" for the rest at ratios of 0.8 and
-      above, "log4" below; `AUTO_ROW_VALUE_FORMATS`, `AUTO_SIGN_MIN_RATIO`; sample groups: bfloat16 in 15 bits, float16 for float16
-      inputs), "log4" (rows only: 4-bit log levels with the sign; the default before
-      the 0.8 policy),
+      above, "log4" below, see `AUTO_ROW_VALUE_FORMATS` and `AUTO_SIGN_MIN_RATIO`;
+      sample groups: bfloat16 in 15 bits, float16 for float16 inputs), "log4" (rows
+      only: 4-bit log levels with the sign; the default before the 0.8 policy),
       "sign" (rows only: 1 bit, the sign, with one mean magnitude per row), "int8",
       "bfloat16", "float16", "float32"; "ulog3" (rows only: log4 without the sign bit)
       only in `value_formats`, for "softmax".

@@ -1,4 +1,4 @@
-"""Offline demo: a tiny ViT fine-tuned with Back Razor (the default policy, 0.8) on handwritten digits 5-9.
+"""Offline demo: a tiny ViT fine-tuned with Back Razor's default policy on digits 5-9.
 
   python experiments/finetune.py --config demo
 

@@ -1,4 +1,4 @@
-"""ViT-B/16 on CIFAR-100 with Back Razor's default policy (0.8; README, "The default policy").
+"""ViT-B/16 on CIFAR-100 with Back Razor's default policy (0.8).
 
   python experiments/finetune.py --config vit_b16_cifar100 \
       --config.init_path=/path/to/ViT-B_16.npz --workdir workdir/vit_b16_cifar100

@@ -1,4 +1,4 @@
-"""ViT-B/16 on Oxford-IIIT Pets with Back Razor's default policy (0.8; README, "The default policy").
+"""ViT-B/16 on Oxford-IIIT Pets with Back Razor's default policy (0.8).
 
   python experiments/finetune.py --config vit_b16_pets \
       --config.init_path=/path/to/ViT-B_16.npz --workdir workdir/vit_b16_pets

@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.policy.gelu_storage = "auto"  # "auto" (exact if nothing is pruned, else "uint2"),
   #                                      "uint8", "uint4", "uint2", "bfloat16" or "exact"
   # Kept values: "auto" (token rows: "ulog3" for the attention probabilities, "log4" for
-  # convolutions, "sign" for the rest; sample groups: bf16 in 15 bits), "log4" (token rows:
+  # convolutions, "sign" for the rest at 0.8 and above, "log4" below; a CNN's rows "log4"
+  # throughout; sample groups: bf16 in 15 bits), "log4" (token rows:
   # 4-bit log levels, the default before 0.8), "sign" (token rows: 1 bit and a mean
   # magnitude per row), "int8", ...
   config.policy.value_format = "auto"
